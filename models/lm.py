@@ -1,0 +1,235 @@
+"""The language model: embedding -> blocks from `model.block_pattern` -> RMSNorm -> head.
+
+Also home of the baseline pre-norm Transformer block, registered as the block kinds
+"attention" (full causal attention) and "swa" (the same block with a sliding window).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.attention import Attention
+from layers.mlp import SwiGLU
+from layers.norms import RMSNorm
+from layers.sharding import with_logical_axes
+from models.losses import cross_entropy_terms
+from models.registry import (
+    AUX_LOSS_PREFIX,
+    build_block,
+    compute_dtype_of,
+    head_dim_of,
+    mlp_dim_of,
+    register_block,
+    register_model,
+    residual_out_init_std,
+)
+from training.errors import ConfigError
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-norm Transformer block (as in Llama): x + Attn(RMSNorm(x)), then + SwiGLU(RMSNorm(.)).
+
+    The residual stream stays float32; the branches compute in `model.compute_dtype`.
+    """
+
+    def __init__(self, model_config, block_config, *, layer_index: int, rngs: nnx.Rngs):
+        del layer_index  # every layer of this kind is built the same way
+        d_model, dtype = model_config.d_model, compute_dtype_of(model_config)
+        num_kv_heads = block_config.num_kv_heads or model_config.num_heads
+        if num_kv_heads < 1 or model_config.num_heads % num_kv_heads:
+            raise ConfigError(
+                f"num_kv_heads: num_heads={model_config.num_heads} is not a multiple of "
+                f"num_kv_heads={num_kv_heads}"
+            )
+        if head_dim_of(model_config) % 2:
+            raise ConfigError(
+                f"model.head_dim: RoPE needs an even head_dim, got {head_dim_of(model_config)}"
+            )
+        if block_config.window < 0:
+            raise ConfigError(f"window: must be >= 0 (0 = unbounded), got {block_config.window}")
+        out_init_std = residual_out_init_std(model_config)
+        self.attention_norm = RMSNorm(d_model, eps=model_config.norm_eps, dtype=dtype, rngs=rngs)
+        self.attention = Attention(
+            d_model,
+            num_heads=model_config.num_heads,
+            head_dim=head_dim_of(model_config),
+            num_kv_heads=num_kv_heads,
+            window=block_config.window,
+            rope_theta=block_config.rope_theta,
+            init_std=model_config.init_std,
+            out_init_std=out_init_std,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.mlp_norm = RMSNorm(d_model, eps=model_config.norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLU(
+            d_model,
+            mlp_dim_of(model_config),
+            init_std=model_config.init_std,
+            out_init_std=out_init_std,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x, *, positions, segment_ids=None):
+        attended = self.attention(
+            self.attention_norm(x), positions=positions, segment_ids=segment_ids
+        )
+        x = x + attended.astype(jnp.float32)
+        x = x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
+        return x, {}
+
+
+def _transformer_block(kind):
+    def factory(model_config, block_config, *, layer_index, rngs):
+        try:
+            return TransformerBlock(model_config, block_config, layer_index=layer_index, rngs=rngs)
+        except ConfigError as error:  # name the sub-section the bad option came from
+            message = str(error)
+            prefix = "" if message.startswith("model.") else f"model.{kind}."
+            raise ConfigError(prefix + message) from None
+
+    return factory
+
+
+_ATTENTION_DEFAULTS = {"window": 0, "rope_theta": 10000.0, "num_kv_heads": 0}
+register_block("attention", defaults=_ATTENTION_DEFAULTS)(_transformer_block("attention"))
+register_block("swa", defaults={**_ATTENTION_DEFAULTS, "window": 256})(_transformer_block("swa"))
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Token positions [B, T] that restart at 0 wherever the segment id changes."""
+    index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+        axis=1,
+    )
+    segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return (index - segment_start).astype(jnp.int32)
+
+
+def _apply_block(block, x, positions, segment_ids):
+    return block(x, positions=positions, segment_ids=segment_ids)
+
+
+def _layer_key(layer_index: int, key: str) -> str:
+    """Block aux key -> model aux key: 'aux_loss/x' -> 'aux_loss/layer_03/x', 'm' -> 'layer_03/m'.
+
+    Auxiliary losses keep the 'aux_loss/' prefix in front so one prefix test finds them all.
+    """
+    if key.startswith(AUX_LOSS_PREFIX):
+        return f"{AUX_LOSS_PREFIX}layer_{layer_index:02d}/{key[len(AUX_LOSS_PREFIX) :]}"
+    return f"layer_{layer_index:02d}/{key}"
+
+
+@register_model("lm")
+class LanguageModel(nnx.Module):
+    """Decoder-only LM; layer i is a block of kind block_pattern[i % len(block_pattern)]."""
+
+    def __init__(self, model_config, *, rngs: nnx.Rngs):
+        for key in ("vocab_size", "d_model", "num_layers"):
+            if model_config[key] < 1:
+                raise ConfigError(f"model.{key}: must be >= 1, got {model_config[key]}")
+        if model_config.loss_chunk_size < 0:
+            raise ConfigError(
+                f"model.loss_chunk_size: must be >= 0 (0 = plain loss), "
+                f"got {model_config.loss_chunk_size}"
+            )
+        pattern = tuple(model_config.block_pattern)
+        if not pattern:
+            raise ConfigError("model.block_pattern: must name at least one block kind")
+        self.compute_dtype = compute_dtype_of(model_config)
+        self.tie_embeddings = model_config.tie_embeddings
+        self.remat = model_config.remat
+        self.loss_chunk_size = model_config.loss_chunk_size
+        self.block_kinds = tuple(pattern[i % len(pattern)] for i in range(model_config.num_layers))
+
+        vocab_size, d_model = model_config.vocab_size, model_config.d_model
+        init = nnx.initializers.normal(model_config.init_std)
+        self.embedding = nnx.Embed(
+            vocab_size,
+            d_model,
+            embedding_init=with_logical_axes(init, "vocab", "embed"),
+            rngs=rngs,
+        )
+        self.blocks = nnx.List(
+            [
+                build_block(kind, model_config, layer_index=i, rngs=rngs)
+                for i, kind in enumerate(self.block_kinds)
+            ]
+        )
+        self.final_norm = RMSNorm(d_model, eps=model_config.norm_eps, rngs=rngs)
+        if not self.tie_embeddings:
+            self.lm_head = nnx.Linear(
+                d_model,
+                vocab_size,
+                use_bias=False,
+                kernel_init=with_logical_axes(init, "embed", "vocab"),
+                rngs=rngs,
+            )
+
+    def __call__(self, inputs, *, segment_ids=None, positions=None):
+        """inputs [B, T] int -> (hidden [B, T, D] float32 after the final norm, aux dict).
+
+        aux holds every block's entries, keyed 'aux_loss/layer_ii/<name>' (auxiliary
+        losses) or 'layer_ii/<name>' (metrics).
+        """
+        if positions is None:
+            if segment_ids is None:
+                positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+            else:
+                positions = segment_positions(segment_ids)
+        positions = positions.astype(jnp.int32)
+        x = self.embedding(inputs).astype(jnp.float32)
+        apply_block = nnx.remat(_apply_block) if self.remat else _apply_block
+        aux = {}
+        for layer_index, block in enumerate(self.blocks):
+            x, block_aux = apply_block(block, x, positions, segment_ids)
+            aux.update({_layer_key(layer_index, k): v for k, v in block_aux.items()})
+        return self.final_norm(x), aux
+
+    def output_kernel(self) -> jax.Array:
+        """The [D, V] matrix that maps hidden states to logits (embedding.T when tied)."""
+        if self.tie_embeddings:
+            return self.embedding.embedding[...].T
+        return self.lm_head.kernel[...]
+
+    def logits(self, inputs, *, segment_ids=None, positions=None) -> jax.Array:
+        """[B, T, V] float32 logits (materialised in full: for inspection and sampling)."""
+        hidden, _ = self(inputs, segment_ids=segment_ids, positions=positions)
+        return jnp.einsum(
+            "btd,dv->btv",
+            hidden.astype(self.compute_dtype),
+            self.output_kernel().astype(self.compute_dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+    def loss_terms(self, batch) -> dict[str, jax.Array]:
+        """Float32 scalars: ce_sum, correct, count (masked tokens), aux_loss, and the blocks'
+        aux entries. The training loss is ce_sum / count + aux_loss.
+
+        batch: inputs, targets, mask [B, T]; optional segment_ids, positions [B, T].
+        """
+        hidden, aux = self(
+            batch["inputs"], segment_ids=batch.get("segment_ids"), positions=batch.get("positions")
+        )
+        ce_sum, correct = cross_entropy_terms(
+            hidden,
+            self.output_kernel(),
+            batch["targets"],
+            batch["mask"],
+            chunk_size=self.loss_chunk_size,
+            compute_dtype=self.compute_dtype,
+        )
+        aux = {key: jnp.asarray(value, jnp.float32) for key, value in aux.items()}
+        aux_loss = sum(
+            (value for key, value in aux.items() if key.startswith(AUX_LOSS_PREFIX)),
+            jnp.zeros((), jnp.float32),
+        )
+        return {
+            "ce_sum": ce_sum,
+            "correct": correct,
+            "count": jnp.sum(batch["mask"].astype(jnp.float32)),
+            "aux_loss": aux_loss,
+            **aux,
+        }
