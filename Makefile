@@ -27,9 +27,9 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
+# Long checks and benchmarks: run by hand, results recorded in benchmarks/results/.
 bench: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
-	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,220 @@
+"""`train.py` end to end, in subprocesses: it learns, logs, resumes, and fails clearly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+# A tiny MQAR run: big enough to learn something in 30 steps, small enough to compile fast.
+TINY = [
+    "--config=configs/mqar.py",
+    "--config.model.d_model=32",
+    "--config.data.seq_len=32",
+    "--config.data.mqar.num_kv_pairs=4",
+    "--config.data.mqar.vocab_size=64",
+    "--config.train.batch_size=16",
+    "--config.optim.learning_rate=0.01",
+    "--config.optim.warmup_steps=2",
+]
+
+
+def environment(devices: int = 1):
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def train_command(workdir, *overrides):
+    return [sys.executable, "train.py", *TINY, f"--workdir={workdir}", *overrides]
+
+
+def run_train(workdir, *overrides, devices=1, timeout=300):
+    return subprocess.run(
+        train_command(workdir, *overrides),
+        cwd=REPO,
+        env=environment(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(workdir):
+    """step -> the record last written for it (a resumed run rewrites replayed steps)."""
+    records = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            records.setdefault(record["step"], {}).update(record)
+    return records
+
+
+def test_tiny_mqar_run_learns_and_logs(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_train(
+        workdir,
+        "--config.train.num_steps=30",
+        "--config.log.every_steps=5",
+        "--config.eval.every_steps=30",
+        "--config.eval.num_batches=2",
+        devices=2,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 30/30" in result.stdout and "ETA" in result.stdout and "tok/s" in result.stdout
+    metrics = read_metrics(workdir)
+    assert sorted(metrics) == [5, 10, 15, 20, 25, 30]
+    assert metrics[30]["loss"] < metrics[5]["loss"] - 0.5, metrics
+    for key in ("loss", "learning_rate", "grad_norm", "param_norm", "tokens_per_second"):
+        assert key in metrics[5]
+    assert {"eval_loss", "eval_accuracy"} <= set(metrics[30])
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["num_steps"] == 30 and saved["model"]["vocab_size"] > 0
+    assert (workdir / "checkpoints" / "30").is_dir()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir))
+    events.Reload()
+    assert {"loss", "learning_rate", "eval_loss"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("loss")] == [5, 10, 15, 20, 25, 30]
+
+
+def interrupt_after(workdir, step, sig, *overrides):
+    """Start a run, send `sig` once it reports `step`, and wait for it to end."""
+    process = subprocess.Popen(
+        train_command(workdir, *overrides),
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:
+        if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
+            process.send_signal(sig)
+            break
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, line + stdout, stderr
+
+
+RESUME = [
+    "--config.train.num_steps=32",
+    "--config.log.every_steps=1",
+    "--config.eval.every_steps=0",
+    "--config.checkpoint.every_steps=4",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_train(workdir, *RESUME)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return read_metrics(workdir)
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path, uninterrupted):
+    workdir = tmp_path / "killed"
+    # Synchronous saves, so that once step 6 is reported checkpoint 4 is complete. (A kill
+    # in the middle of an async save is survived too, but then there is nothing to resume.)
+    sync = "--config.checkpoint.async_save=False"
+    code, _, _ = interrupt_after(workdir, 6, signal.SIGKILL, *RESUME, sync)
+    assert code == -signal.SIGKILL
+    result = run_train(workdir, *RESUME, sync)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    resumed = read_metrics(workdir)
+    assert sorted(resumed) == sorted(uninterrupted)
+    for step, record in uninterrupted.items():
+        # Same program, same inputs, same device: CPU results are bit-identical.
+        assert resumed[step]["loss"] == record["loss"], step
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
+    workdir = tmp_path / "preempted"
+    code, stdout, _ = interrupt_after(workdir, 3, signal.SIGTERM, *RESUME)
+    assert code == 0
+    assert "preempted: saved step" in stdout
+    saved_step = int(stdout.split("preempted: saved step")[1].split()[0])
+    assert (workdir / "checkpoints" / str(saved_step)).is_dir()
+    result = run_train(workdir, *RESUME)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = read_metrics(workdir)
+    assert [resumed[s]["loss"] for s in sorted(resumed)] == [
+        uninterrupted[s]["loss"] for s in sorted(uninterrupted)
+    ]
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    for fragment in fragments:
+        assert fragment in last, last
+
+
+def test_unknown_config_key_exits_2(tmp_path):
+    result = run_train(tmp_path / "w", "--config.train.num_stepz=3")
+    assert_one_line_error(result, 2, "num_stepz")
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_value_exits_2_naming_the_key(tmp_path):
+    result = run_train(tmp_path / "w", "--config.train.grad_accum_steps=3")
+    assert_one_line_error(result, 2, "train.batch_size")
+    assert not (tmp_path / "w").exists()
+
+
+def test_missing_data_path_exits_2_naming_the_file(tmp_path):
+    missing = tmp_path / "no_such_corpus"
+    result = run_train(tmp_path / "w", "--config.data.name=text", f"--config.data.path={missing}")
+    assert_one_line_error(result, 2, str(missing))
+    assert not (tmp_path / "w").exists()
+
+
+def test_nonfinite_loss_exits_1_naming_the_step(tmp_path):
+    result = run_train(
+        tmp_path / "w",
+        "--config.train.num_steps=10",
+        "--config.train.inject_nonfinite_at_step=4",
+        "--config.checkpoint.every_steps=2",
+    )
+    assert_one_line_error(result, 1, "step 5", "last good checkpoint", "checkpoints/4")
+
+
+def test_nonfinite_skip_policy_continues(tmp_path):
+    workdir = tmp_path / "w"
+    result = run_train(
+        workdir,
+        "--config.train.num_steps=6",
+        "--config.train.inject_nonfinite_at_step=2",
+        "--config.train.nonfinite=skip",
+        "--config.log.every_steps=1",
+        "--config.eval.every_steps=0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 3: non-finite update skipped" in result.stdout
+    assert read_metrics(workdir)[6]["nonfinite_steps"] == 1
+
+
+def test_workdir_of_a_different_run_is_refused(tmp_path):
+    workdir = tmp_path / "w"
+    short = ["--config.train.num_steps=2", "--config.eval.every_steps=0"]
+    assert run_train(workdir, *short).returncode == 0
+    result = run_train(workdir, *short, "--config.model.d_model=16")
+    assert_one_line_error(result, 2, "different config", "model.d_model")
+    changed = ["--config.train.num_steps=3", "--config.optim.learning_rate=0.001"]
+    result = run_train(workdir, *short[1:], *changed)
+    assert_one_line_error(result, 2, "different config", "optim.learning_rate")
+    result = run_train(
+        workdir, *short[1:], *changed, "--config.checkpoint.allow_config_change=True"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
