@@ -63,6 +63,8 @@ def test_tiny_mqar_run_learns_and_logs(tmp_path):
         "--config.log.every_steps=5",
         "--config.eval.every_steps=30",
         "--config.eval.num_batches=2",
+        "--config.log.profile_start_step=2",
+        "--config.log.profile_num_steps=2",
         devices=2,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -76,6 +78,7 @@ def test_tiny_mqar_run_learns_and_logs(tmp_path):
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["train"]["num_steps"] == 30 and saved["model"]["vocab_size"] > 0
     assert (workdir / "checkpoints" / "30").is_dir()
+    assert list((workdir / "profile").rglob("*.xplane.pb")), "profiler trace written"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
