@@ -2,13 +2,15 @@
 
 Orbax writes each step into a temporary directory and renames it when the save is
 complete, so a run killed mid-save leaves the previous checkpoints intact. A latest
-checkpoint that cannot be read (partial, corrupted) is skipped with a warning naming it,
-and the next older one is used.
+checkpoint that cannot be read (corrupted, truncated) is skipped with a warning naming it,
+moved aside to `corrupt-<step>` (kept for inspection, and so that the resumed run can save
+that step again), and the next older one is used.
 """
 
 import os
 import sys
 
+import jax
 import orbax.checkpoint as ocp
 
 from training.errors import CheckpointError
@@ -50,12 +52,25 @@ class Checkpointer:
             try:
                 restored = self.manager.restore(step, args=args)
             except Exception as error:  # noqa: BLE001 - any failure means "unusable"
-                path = os.path.join(self.directory, str(step))
-                reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-                print(f"warning: skipping unreadable checkpoint {path}: {reason}", file=sys.stderr)
+                self._set_aside(step, error)
                 continue
             return restored["state"], restored["data"], step
         return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        path = os.path.join(self.directory, str(step))
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        aside, copy = os.path.join(self.directory, f"corrupt-{step}"), 0
+        while os.path.exists(aside):
+            copy += 1
+            aside = os.path.join(self.directory, f"corrupt-{step}-{copy}")
+        print(
+            f"warning: skipping unreadable checkpoint {path} ({reason}); moved to {aside}",
+            file=sys.stderr,
+        )
+        if jax.process_index() == 0 and os.path.exists(path):
+            os.replace(path, aside)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,24 +120,60 @@ def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     result = run_train(workdir, *RESUME)
     assert result.returncode == 0, result.stderr[-3000:]
-    return read_metrics(workdir)
+    return workdir
 
 
-def test_killed_run_resumes_to_the_same_losses(tmp_path, uninterrupted):
+def final_state(workdir, step=32):
+    """The saved train state as numpy arrays (no target: exactly what is on disk)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def assert_same_run(workdir, reference):
+    resumed, expected = read_metrics(workdir), read_metrics(reference)
+    assert sorted(resumed) == sorted(expected)
+    for step, record in expected.items():
+        # Same program, same inputs, same device: CPU results are bit-identical.
+        assert resumed[step]["loss"] == record["loss"], step
+    import jax
+    import numpy as np
+
+    jax.tree.map(np.testing.assert_array_equal, final_state(workdir), final_state(reference))
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, uninterrupted):
     workdir = tmp_path / "killed"
-    # Synchronous saves, so that once step 6 is reported checkpoint 4 is complete. (A kill
-    # in the middle of an async save is survived too, but then there is nothing to resume.)
+    # Synchronous saves, so that once a step is reported the checkpoint before it is
+    # complete (a kill in the middle of an async save is survived as well, see below).
     sync = "--config.checkpoint.async_save=False"
-    code, _, _ = interrupt_after(workdir, 6, signal.SIGKILL, *RESUME, sync)
-    assert code == -signal.SIGKILL
+    for kill_at in (6, 19):  # two kills, the second in a resumed run
+        code, _, _ = interrupt_after(workdir, kill_at, signal.SIGKILL, *RESUME, sync)
+        assert code == -signal.SIGKILL
     result = run_train(workdir, *RESUME, sync)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
-    resumed = read_metrics(workdir)
-    assert sorted(resumed) == sorted(uninterrupted)
-    for step, record in uninterrupted.items():
-        # Same program, same inputs, same device: CPU results are bit-identical.
-        assert resumed[step]["loss"] == record["loss"], step
+    assert_same_run(workdir, uninterrupted)
+
+
+def test_corrupt_latest_checkpoint_is_skipped(tmp_path, uninterrupted):
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(uninterrupted, workdir)
+    for path in (workdir / "checkpoints" / "32" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    os.remove(workdir / "metrics.jsonl")
+    result = run_train(workdir, *RESUME, "--config.train.num_steps=32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipping unreadable checkpoint {workdir}/checkpoints/32" in result.stderr
+    assert (workdir / "checkpoints" / "corrupt-32").is_dir()
+    assert f"resumed from {workdir}/checkpoints/28" in result.stdout
+    assert sorted(read_metrics(workdir)) == [29, 30, 31, 32]
+    import jax
+    import numpy as np
+
+    jax.tree.map(np.testing.assert_array_equal, final_state(workdir), final_state(uninterrupted))
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
@@ -148,10 +185,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
     assert (workdir / "checkpoints" / str(saved_step)).is_dir()
     result = run_train(workdir, *RESUME)
     assert result.returncode == 0, result.stderr[-3000:]
-    resumed = read_metrics(workdir)
-    assert [resumed[s]["loss"] for s in sorted(resumed)] == [
-        uninterrupted[s]["loss"] for s in sorted(uninterrupted)
-    ]
+    assert_same_run(workdir, uninterrupted)
 
 
 def assert_one_line_error(result, code, *fragments):
