@@ -255,3 +255,51 @@ def test_workdir_of_a_different_run_is_refused(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout
+
+
+def write_tokens(path, values, dtype="uint16"):
+    import numpy as np
+
+    np.asarray(values, dtype=dtype).tofile(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, overrides, fragments",
+    [
+        ("model name", ["--config.model.name=gpt9"], ["model.name", "gpt9"]),
+        ("block kind", ["--config.model.block_pattern=('attention','lstm')"], ["lstm"]),
+        ("mesh too big", ["--config.mesh.data=4", "--config.mesh.fsdp=4"], ["needs 16 devices"]),
+        ("batch vs devices", ["--config.train.batch_size=6"], ["train.batch_size", "4 devices"]),
+        ("loss chunk", ["--config.model.loss_chunk_size=5"], ["model.loss_chunk_size"]),
+        ("empty data dir", ["--config.data.name=text", "--config.data.path={empty}"], ["{empty}"]),
+        (
+            "token >= vocab",
+            [
+                "--config.data.name=tokens",
+                "--config.data.vocab_size=100",
+                "--config.data.path={tokens}",
+            ],
+            ["{tokens}", "100"],
+        ),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, case, overrides, fragments):
+    (tmp_path / "empty").mkdir()
+    paths = {
+        "empty": str(tmp_path / "empty"),
+        "tokens": str(write_tokens(tmp_path / "t.bin", list(range(90)) * 50 + [100])),
+    }
+    overrides = [o.format(**paths) for o in overrides]
+    fragments = [f.format(**paths) for f in fragments]
+    result = subprocess.run(
+        train_command(tmp_path / "w", *overrides),
+        cwd=REPO,
+        env=environment(devices=4),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_one_line_error(result, 2, *fragments)
+    assert not (tmp_path / "w").exists(), case
