@@ -1,0 +1,13 @@
+"""Matrix-memory recurrences (linear attention, simple GLA, DeltaNet, Gated DeltaNet).
+
+See `api.py` for conventions; `reference.py` is the oracle, `chunked.py` the XLA version.
+"""
+
+from pallas_kernels.linear_memory.api import (
+    delta_rule,
+    gated_delta_rule,
+    linear_attention,
+    simple_gla,
+)
+
+__all__ = ["delta_rule", "gated_delta_rule", "linear_attention", "simple_gla"]
