@@ -1,0 +1,122 @@
+"""Chunk-parallel deep-memory recurrence in plain JAX (Titans §3.2, eqs. 16-18).
+
+Within a chunk of b tokens starting after token c0, every gradient is taken at the decayed
+chunk-start memory gamma_i M_{c0} (the rule `reference.chunk_start_scan` runs token by
+token). That makes the chunk linear in its inputs:
+
+  1. Forward the chunk-start memory on all b keys at once (each weight scaled by gamma_i),
+     and backprop by hand (`MemoryArchitecture.backward`): layer l's gradient at token i is
+     the outer product a_{l,i}^T delta_{l,i}.
+  2. Retention and learning rule give, per (batch, head), the coefficients of
+     M_t = Gamma_t M_{c0} + sum_{i<=t} C[t, i] (-theta_i u_i) + D_t S_{c0}   (`ChunkCoefficients`).
+  3. Read every token with its own M_t without materialising b weight copies: layer by layer,
+     x W_{l,t} = Gamma_t x W_{l,c0} + sum_i C[t,i] (-theta_i) (x . a_{l,i}) delta_{l,i}
+     + D_t x S_{l,c0} -- an attention-like masked matmul.
+  4. The chunk-end state from the same coefficients at the chunk's last token.
+
+`lax.scan` runs over the chunks. T not a multiple of b is padded at the end (zero q/k/v/
+theta and g, eta = 1: finite, so nothing NaN leaks), and the last chunk's state is read at
+its last real token instead of its end. Padded tokens cannot simply be made neutral: with
+momentum no token leaves the state unchanged (M_t = M~_t + S_t moves M whenever S != 0, and
+eta = 0 would wipe S). Rows up to the last real token never see the padding, as every
+coefficient matrix is lower triangular. Everything is float32 inside (float64 if given
+float64 under jax x64, which the tests use to check the algebra).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
+
+
+def _outer_sum(coefficients, inputs, deltas):
+    """sum_i c_i a_i^T delta_i: coefficients [..., b], inputs [..., b, m], deltas [..., b, n]."""
+    return jnp.einsum("...i,...im,...in->...mn", coefficients, inputs, deltas)
+
+
+def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk):
+    """One chunk: state leaves [B, H, m, n]; chunk = (q, k, v [B, H, b, D], lr, eta, g
+    [B, H, b] (eta None for GD), last: index of the chunk's last real token)
+    -> (state after token `last`, o [B, H, b, Dv])."""
+    query, key, value, lr, eta, log_decay, last = chunk
+    architecture = spec.memory_architecture
+    names = architecture.layer_names
+    weights, momentum = state
+    uses_momentum = spec.learning_rule.uses_momentum
+
+    start_decay, transfer = spec.retention_rule.chunk_transfer(log_decay)
+    coefficients = spec.learning_rule.chunk_coefficients(transfer, eta)
+    gamma = start_decay[..., None]  # [B, H, b, 1]: Gamma_t, also gamma_i for the gradients
+
+    prediction, cache = architecture.forward(weights, key, scale=gamma)
+    output_grad = spec.attentional_bias.output_grad(prediction, value)
+    factors = architecture.backward(weights, cache, output_grad, scale=gamma)
+
+    # Coefficient of the outer product a_i^T delta_i in W_t: C[t, i] * (-theta_i).
+    update_weight = coefficients.update * (-lr)[..., None, :]
+
+    def read_layer(index, layer_input):
+        name = names[index]
+        inputs, deltas = factors[index]
+        scores = (layer_input @ jnp.swapaxes(inputs, -1, -2)) * update_weight  # [B, H, b, b]
+        z = gamma * (layer_input @ weights[name]) + scores @ deltas
+        if uses_momentum:
+            z = z + coefficients.carried[..., None] * (layer_input @ momentum[name])
+        return z
+
+    output, _ = architecture.run_layers(query, read_layer)
+
+    def at_last(x, axis=-1):  # row `last` of a per-token coefficient
+        return jax.lax.dynamic_index_in_dim(x, last, axis % x.ndim, keepdims=False)
+
+    def as_factor(x):  # [B, H] -> [B, H, 1, 1], to scale weight leaves
+        return x[..., None, None]
+
+    new_weights, new_momentum = {}, {} if uses_momentum else None
+    for name, (inputs, deltas) in zip(names, factors):
+        new = as_factor(at_last(start_decay)) * weights[name]
+        new = new + _outer_sum(at_last(update_weight, axis=-2), inputs, deltas)
+        if uses_momentum:
+            new = new + as_factor(at_last(coefficients.carried)) * momentum[name]
+            carried = as_factor(at_last(coefficients.momentum_carried)) * momentum[name]
+            momentum_row = at_last(coefficients.momentum_update, axis=-2) * -lr
+            new_momentum[name] = carried + _outer_sum(momentum_row, inputs, deltas)
+        new_weights[name] = new
+    return NeuralMemoryState(new_weights, new_momentum), output
+
+
+def _heads_major(x):
+    """[B, T, H, ...] -> [B, H, T, ...] in float32 or wider (None stays None)."""
+    return None if x is None else jnp.moveaxis(at_least_float32(x), 1, 2)
+
+
+def _split_chunks(x, num_chunks, chunk_size, pad_value):
+    """[B, H, T, ...] -> [num_chunks, B, H, chunk_size, ...], padding T with `pad_value`."""
+    if x is None:
+        return None
+    batch, heads, seq_len = x.shape[:3]
+    padding = [(0, 0)] * x.ndim
+    padding[2] = (0, num_chunks * chunk_size - seq_len)
+    x = jnp.pad(x, padding, constant_values=pad_value)
+    x = x.reshape((batch, heads, num_chunks, chunk_size) + x.shape[3:])
+    return jnp.moveaxis(x, 2, 0)
+
+
+def chunked_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chunk_size):
+    """Chunk-parallel form: inputs as `reference.exact_scan` -> (o in v's dtype, final state).
+
+    Equals `reference.chunk_start_scan(..., chunk_size)`; with chunk_size 1 the exact rule.
+    """
+    seq_len = q.shape[1]
+    num_chunks = -(-seq_len // chunk_size)
+    state = jax.tree.map(at_least_float32, initial_state)
+    tokens = tuple(map(_heads_major, (q, k, v, lr, momentum, log_decay)))
+    pad_values = (0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    chunks = tuple(_split_chunks(x, num_chunks, chunk_size, p) for x, p in zip(tokens, pad_values))
+    last = jnp.full((num_chunks,), chunk_size - 1).at[-1].set((seq_len - 1) % chunk_size)
+    state, outputs = jax.lax.scan(
+        lambda carry, chunk: chunk_step(spec, carry, chunk), state, chunks + (last,)
+    )
+    batch, heads = outputs.shape[1:3]
+    outputs = jnp.moveaxis(outputs, 0, 2).reshape(batch, heads, num_chunks * chunk_size, -1)
+    return jnp.moveaxis(outputs[:, :, :seq_len], 2, 1).astype(v.dtype), state
