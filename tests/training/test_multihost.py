@@ -1,6 +1,7 @@
 """Two processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives) train
 like one process x 8 devices, each process reading only its own slice of the data."""
 
+import shutil
 import socket
 import subprocess
 
@@ -18,14 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def run_two_processes(workdir, *overrides):
     port = free_port()
-    multi = tmp_path / "multi"
     processes = [
         subprocess.Popen(
             train_command(
-                multi,
+                workdir,
                 *STEPS,
+                *overrides,
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={process_id}",
@@ -41,6 +42,12 @@ def test_two_processes_match_one_process(tmp_path):
     outputs = [process.communicate(timeout=240)[0] for process in processes]
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]
+    return outputs
+
+
+def test_two_processes_match_one_process_and_resume(tmp_path):
+    multi = tmp_path / "multi"
+    outputs = run_two_processes(multi, "--config.checkpoint.every_steps=3")
     assert "mesh: {'data': 8, 'fsdp': 1}" in outputs[0]
     assert "step 6/6" not in outputs[1], "only process 0 reports progress"
 
@@ -59,3 +66,13 @@ def test_two_processes_match_one_process(tmp_path):
     for step, record in single_losses.items():
         assert abs(multi_losses[step]["loss"] - record["loss"]) <= RTOL * abs(record["loss"])
     assert (multi / "checkpoints" / "6").is_dir()
+
+    # Resume in two processes from the step-3 checkpoint: the same losses again.
+    shutil.rmtree(multi / "checkpoints" / "6")
+    (multi / "metrics.jsonl").unlink()
+    outputs = run_two_processes(multi, "--config.checkpoint.every_steps=3")
+    assert f"resumed from {multi}/checkpoints/3" in outputs[0]
+    resumed = read_metrics(multi)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step]["loss"] == multi_losses[step]["loss"]
