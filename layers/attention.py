@@ -1,9 +1,11 @@
 """Causal softmax attention with RoPE, optional sliding window, packed segments and GQA.
 
-Split in three so a KV cache can be added later without touching the math:
+Split in parts so the training forward and cached decoding share the math:
 `Attention.project` (x -> rotated q, k, v), `attention_mask` (which keys each query may
 see, from token indices and segment ids) and `dot_product_attention` (the softmax core),
-then `Attention.output` (heads -> residual stream).
+then `Attention.output` (heads -> residual stream). Decoding (`Attention.init_cache`,
+`Attention.extend`) keeps rotated keys and values in a KV cache and masks with
+`cache_attention_mask`, the same rule expressed on stored token positions.
 """
 
 import jax
@@ -38,6 +40,22 @@ def attention_mask(
     if query_segments is not None:
         key_segments = query_segments if key_segments is None else key_segments
         mask = mask & (query_segments[:, :, None] == key_segments[:, None, :])
+    return mask
+
+
+def cache_attention_mask(
+    query_positions: jax.Array, key_positions: jax.Array, *, window: int = 0
+) -> jax.Array:
+    """Boolean mask [B, Tq, Tk] for decoding: the key is stored & causal & within the window.
+
+    The rule of `attention_mask`, on positions rather than indices, because cache slots are
+    not in token order (a sliding-window cache is a ring buffer). query_positions [B, Tq],
+    key_positions [B, Tk]; a key position < 0 marks an empty slot.
+    """
+    distance = query_positions[:, :, None] - key_positions[:, None, :]
+    mask = (key_positions[:, None, :] >= 0) & (distance >= 0)
+    if window > 0:
+        mask = mask & (distance < window)
     return mask
 
 
@@ -91,6 +109,7 @@ class Attention(nnx.Module):
         self.head_dim = head_dim
         self.window = window
         self.rope_theta = rope_theta
+        self.dtype = dtype
 
         def linear(features_in, features_out, std, axes):
             return nnx.Linear(
@@ -134,3 +153,64 @@ class Attention(nnx.Module):
             key_segments=segment_ids,
         )
         return self.output(dot_product_attention(query, key, value, mask))
+
+    # Decoding with a KV cache. The cache is a dict of arrays:
+    #   key, value     [B, S, K, hd] in the compute dtype, keys stored after RoPE;
+    #   key_positions  [B, S] int32, the position of the token in each slot (-1: empty).
+    # A token at position p lives in slot p mod S. For full attention S = max_length, so
+    # positions must stay below max_length; with a window W, S = min(W, max_length) and the
+    # cache is a ring buffer holding the last S tokens, which is all a query can see.
+
+    def cache_size(self, max_length: int) -> int:
+        return min(self.window, max_length) if self.window > 0 else max_length
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
+        size = self.cache_size(max_length)
+        shape = (batch_size, size, self.num_kv_heads, self.head_dim)
+        return {
+            "key": jnp.zeros(shape, self.dtype),
+            "value": jnp.zeros(shape, self.dtype),
+            "key_positions": jnp.full((batch_size, size), -1, jnp.int32),
+        }
+
+    def extend(
+        self, x: jax.Array, cache: dict[str, jax.Array], *, positions: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Attend T new tokens x [B, T, D] at `positions` [B, T] to themselves and the cache.
+
+        Equals `__call__` on the whole sequence restricted to the new rows, provided the
+        positions are consecutive and follow the cached ones. Returns ([B, T, D], new cache).
+        """
+        query, key, value = self.project(x, positions)
+        if self.window > 0 and x.shape[1] > 1:
+            # A new token may overwrite a ring slot whose key an earlier new query still
+            # sees, so attend over [cache || new] first, then write (keeping the last S).
+            keys = jnp.concatenate([cache["key"], key], axis=1)
+            values = jnp.concatenate([cache["value"], value], axis=1)
+            key_positions = jnp.concatenate([cache["key_positions"], positions], axis=1)
+            mask = cache_attention_mask(positions, key_positions, window=self.window)
+            heads = dot_product_attention(query, keys, values, mask)
+            return self.output(heads), _write_cache(cache, key, value, positions)
+        # Writing first is exact here: a full cache never overwrites a slot in use, and a
+        # single token only overwrites a key that has just left its window.
+        cache = _write_cache(cache, key, value, positions)
+        mask = cache_attention_mask(positions, cache["key_positions"], window=self.window)
+        heads = dot_product_attention(query, cache["key"], cache["value"], mask)
+        return self.output(heads), cache
+
+
+def _write_cache(cache, key, value, positions):
+    """Store k, v [B, T, K, hd] of tokens at `positions` [B, T] in slots position mod S.
+
+    Only the last S tokens are written (earlier ones would be overwritten anyway, and a
+    scatter with repeated slots has no defined order).
+    """
+    size = cache["key_positions"].shape[1]
+    key, value, positions = key[:, -size:], value[:, -size:], positions[:, -size:]
+    slots = positions % size
+    rows = jnp.arange(positions.shape[0])[:, None]
+    return {
+        "key": cache["key"].at[rows, slots].set(key.astype(cache["key"].dtype)),
+        "value": cache["value"].at[rows, slots].set(value.astype(cache["value"].dtype)),
+        "key_positions": cache["key_positions"].at[rows, slots].set(positions.astype(jnp.int32)),
+    }

@@ -2,6 +2,10 @@
 
 Also home of the baseline pre-norm Transformer block, registered as the block kinds
 "attention" (full causal attention) and "swa" (the same block with a sliding window).
+
+Decoding: every block kind implements `init_cache(batch_size, max_length) -> cache` (a
+pytree of arrays) and `extend(x, cache, *, positions) -> (y, cache)`; the model chains them
+in `LanguageModel.init_cache` / `LanguageModel.extend` (sampling: `models.generate`).
 """
 
 import jax
@@ -76,8 +80,20 @@ class TransformerBlock(nnx.Module):
             self.attention_norm(x), positions=positions, segment_ids=segment_ids
         )
         x = x + attended.astype(jnp.float32)
-        x = x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
-        return x, {}
+        return self._mlp_residual(x), {}
+
+    def init_cache(self, batch_size: int, max_length: int):
+        """The attention's KV cache (see `layers.attention.Attention.init_cache`)."""
+        return self.attention.init_cache(batch_size, max_length)
+
+    def extend(self, x, cache, *, positions):
+        """The block on T new tokens x [B, T, D] that follow the cached ones -> (y, cache)."""
+        attended, cache = self.attention.extend(self.attention_norm(x), cache, positions=positions)
+        x = x + attended.astype(jnp.float32)
+        return self._mlp_residual(x), cache
+
+    def _mlp_residual(self, x):
+        return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
 
 
 def _transformer_block(kind):
@@ -197,12 +213,36 @@ class LanguageModel(nnx.Module):
     def logits(self, inputs, *, segment_ids=None, positions=None) -> jax.Array:
         """[B, T, V] float32 logits (materialised in full: for inspection and sampling)."""
         hidden, _ = self(inputs, segment_ids=segment_ids, positions=positions)
+        return self._hidden_to_logits(hidden)
+
+    def _hidden_to_logits(self, hidden) -> jax.Array:
         return jnp.einsum(
             "btd,dv->btv",
             hidden.astype(self.compute_dtype),
             self.output_kernel().astype(self.compute_dtype),
             preferred_element_type=jnp.float32,
         )
+
+    def init_cache(self, batch_size: int, max_length: int) -> list:
+        """Every block's decoding cache (a pytree of arrays), for sequences of up to
+        `max_length` tokens."""
+        return [block.init_cache(batch_size, max_length) for block in self.blocks]
+
+    def extend(self, tokens, cache, *, positions) -> tuple[jax.Array, list]:
+        """Run T new tokens [B, T] at `positions` [B, T] that follow the cached ones.
+
+        Returns (logits [B, T, V] float32, new cache). With positions 0 .. T-1 on a fresh
+        cache this is a prefill; T = 1 is one decoding step. Chaining extends over a
+        sequence gives the logits of one `logits(sequence)` call (no segment ids: one
+        sequence per row).
+        """
+        positions = positions.astype(jnp.int32)
+        x = self.embedding(tokens).astype(jnp.float32)
+        new_cache = []
+        for block, block_cache in zip(self.blocks, cache, strict=True):
+            x, block_cache = block.extend(x, block_cache, positions=positions)
+            new_cache.append(block_cache)
+        return self._hidden_to_logits(self.final_norm(x)), new_cache
 
     def loss_terms(self, batch) -> dict[str, jax.Array]:
         """Float32 scalars: ce_sum, correct, count (masked tokens), aux_loss, and the blocks'
