@@ -11,7 +11,13 @@ factory is called as `factory(model_config, block_config, layer_index=i, rngs=rn
         -> (y [B, T, D] float32, aux: dict[str, scalar])
 
 (a pre-norm residual block; aux keys starting with "aux_loss/" are added to the training
-loss, the others are logged as metrics).
+loss, the others are logged as metrics), and for recurrent decoding
+
+    block.init_cache(batch_size, max_length) -> cache (a pytree of arrays)
+    block.extend(x [B, T, D], cache, *, positions [B, T]) -> (y [B, T, D], new_cache)
+
+where `extend` processes T new tokens that follow the cached ones (T = 1 decodes, T = the
+prompt length prefills) and must equal the full forward on the whole sequence.
 """
 
 from collections.abc import Callable, Mapping
