@@ -132,6 +132,11 @@ def build(
         schedule = learning_rate_schedule(optim_config, num_steps)
         try:
             if name == "slimadam" and slimadam_axes is None:
+                if optim_config.slimadam.rules == "snr":
+                    raise ValueError(
+                        "rules='snr' needs measured axes (slimadam_axes=...); "
+                        "training.calibration.slimadam_axes measures them"
+                    )
                 slimadam_axes = slimadam.axes_from_rules(
                     params, logical_axes, optim_config.slimadam.rules
                 )

@@ -77,9 +77,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Adam whose second moment is averaged along chosen axes of each matrix.
     config.slimadam = ml_collections.ConfigDict()
     # "paper": the paper's per-role rules (q/k, v/o, MLP, embedding, head); "none": keep
-    # the full second moment (plain AdamW), useful as a control. Axes measured by
-    # `optim.slimadam.calibrate_axes` are passed to `optim.build(slimadam_axes=...)` instead.
+    # the full second moment (plain AdamW), useful as a control; "snr": measure, before
+    # training, the signal-to-noise ratio of Adam's second moment over `calibration_steps`
+    # gradient batches and compress along the axes where it is high
+    # (`optim.slimadam.calibrate_axes`, run by `training.calibration`).
     config.slimadam.rules = "paper"
     # SNR threshold of `calibrate_axes`: compress along K only if SNR_K(v) > snr_cutoff.
     config.slimadam.snr_cutoff = 1.0
+    config.slimadam.calibration_steps = 20
     return config

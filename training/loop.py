@@ -18,7 +18,7 @@ import numpy as np
 
 import data as data_lib
 import optim
-from training import config_validation
+from training import calibration, config_validation
 from training import sharding as sharding_lib
 from training.checkpoint import Checkpointer
 from training.errors import CheckpointError, ConfigError, NonFiniteError
@@ -114,7 +114,23 @@ def run(config, workdir: str) -> dict[str, float]:
     spec = model_spec(config.model, config.seed)
     num_steps = config.train.num_steps
     schedule = optim.learning_rate_schedule(config.optim, num_steps)
-    tx = optim.build(config.optim, spec.abstract_params, spec.logical_specs, num_steps=num_steps)
+    slimadam_axes = None
+    if calibration.needs_calibration(config.optim):
+        slimadam_axes = calibration.slimadam_axes(config, spec, mesh)
+        if is_primary:
+            shared = sum(axes is not None for axes in slimadam_axes.values())
+            print(
+                f"slimadam: second moment shared along measured axes in {shared} of "
+                f"{len(slimadam_axes)} parameters",
+                flush=True,
+            )
+    tx = optim.build(
+        config.optim,
+        spec.abstract_params,
+        spec.logical_specs,
+        num_steps=num_steps,
+        slimadam_axes=slimadam_axes,
+    )
     # Everything that can fail on bad input has run: only now is the workdir written.
     prepare_workdir(config, workdir, is_primary=is_primary)
     logger = MetricsLogger(workdir, config.train.num_steps, enabled=is_primary)

@@ -71,3 +71,31 @@ def test_nonfinite_update_leaves_state_untouched():
     assert bool(metrics["finite"])
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), after.params, state.params)
     assert all(jax.tree.leaves(changed))
+
+
+def test_slimadam_snr_calibration_feeds_the_optimizer():
+    import pytest
+
+    from training import calibration
+    from training.errors import ConfigError
+
+    config = tiny_config()
+    config.optim.name, config.optim.slimadam.rules = "slimadam", "snr"
+    config.optim.slimadam.calibration_steps = 3
+    spec = model_spec(config.model, config.seed)
+    with pytest.raises(ConfigError, match="optim.slimadam: rules='snr' needs measured axes"):
+        optim.build(config.optim, spec.abstract_params, spec.logical_specs, num_steps=10)
+    config.mesh.data, config.mesh.fsdp = 1, 1
+    mesh = sharding_lib.make_mesh(config.mesh, devices=jax.devices()[:1])
+    axes = calibration.slimadam_axes(config, spec, mesh)
+    paths = optim.routing.path_to_str
+    leaves = jax.tree_util.tree_flatten_with_path(spec.abstract_params)[0]
+    assert set(axes) == {paths(path) for path, _ in leaves}
+    assert any(choice is not None for choice in axes.values())
+    tx = optim.build(
+        config.optim, spec.abstract_params, spec.logical_specs, num_steps=10, slimadam_axes=axes
+    )
+    state = jax.eval_shape(tx.init, spec.abstract_params)
+    assert optim.state_bytes(state) < 2 * sum(
+        x.size * 4 for x in jax.tree.leaves(spec.abstract_params)
+    )
