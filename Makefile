@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS) tests
 
 # Long checks and benchmarks: run by hand, results recorded in benchmarks/results/.
 bench: $(STAMP)
