@@ -16,11 +16,21 @@ import orbax.checkpoint as ocp
 from training.errors import CheckpointError
 
 
+def check_directory(directory: str) -> None:
+    """Fail early (before anything is written) on a checkpoint path that cannot be used."""
+    directory = os.path.abspath(directory)
+    if not os.path.exists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: checkpoint path exists but is not a directory")
+    if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+        raise CheckpointError(f"{directory}: checkpoint directory is not readable and writable")
+
+
 class Checkpointer:
     def __init__(self, directory: str, checkpoint_config):
         self.directory = os.path.abspath(directory)
-        if os.path.exists(self.directory) and not os.access(self.directory, os.R_OK | os.X_OK):
-            raise CheckpointError(f"{self.directory}: checkpoint directory is not readable")
+        check_directory(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=checkpoint_config.keep,
             enable_async_checkpointing=checkpoint_config.async_save,

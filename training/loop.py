@@ -19,8 +19,8 @@ import numpy as np
 import data as data_lib
 import optim
 from training import calibration, config_validation
+from training import checkpoint as checkpoint_lib
 from training import sharding as sharding_lib
-from training.checkpoint import Checkpointer
 from training.errors import CheckpointError, ConfigError, NonFiniteError
 from training.metrics import MetricsLogger, Throughput
 from training.state import abstract_like, create_train_state, model_spec
@@ -131,6 +131,8 @@ def run(config, workdir: str) -> dict[str, float]:
         num_steps=num_steps,
         slimadam_axes=slimadam_axes,
     )
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    checkpoint_lib.check_directory(checkpoint_dir)
     # Everything that can fail on bad input has run: only now is the workdir written.
     prepare_workdir(config, workdir, is_primary=is_primary)
     logger = MetricsLogger(workdir, config.train.num_steps, enabled=is_primary)
@@ -138,7 +140,7 @@ def run(config, workdir: str) -> dict[str, float]:
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract_params))
     logger.message(f"model: {num_params:,} parameters; mesh: {dict(mesh.shape)}")
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, config.checkpoint)
     restored = checkpointer.restore_latest(abstract_like(state, state_shardings))
     if restored is not None:
         state, data_state, step = restored
@@ -175,9 +177,9 @@ def run(config, workdir: str) -> dict[str, float]:
             if not metrics.pop("finite"):
                 if config.train.nonfinite == "stop":
                     where = f"{checkpointer.directory}/{last_saved}" if last_saved else "none"
+                    first = next(k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k]))
                     raise NonFiniteError(
-                        f"non-finite loss or gradient at step {step} "
-                        f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); "
+                        f"non-finite {first} ({metrics[first]}) at step {step}; "
                         f"last good checkpoint: {where}"
                     )
                 logger.message(f"step {step}: non-finite update skipped")

@@ -223,7 +223,9 @@ def test_nonfinite_loss_exits_1_naming_the_step(tmp_path):
         "--config.train.inject_nonfinite_at_step=4",
         "--config.checkpoint.every_steps=2",
     )
-    assert_one_line_error(result, 1, "step 5", "last good checkpoint", "checkpoints/4")
+    assert_one_line_error(
+        result, 1, "non-finite loss (nan) at step 5", "last good checkpoint", "checkpoints/4"
+    )
 
 
 def test_nonfinite_skip_policy_continues(tmp_path):
@@ -239,6 +241,15 @@ def test_nonfinite_skip_policy_continues(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3: non-finite update skipped" in result.stdout
     assert read_metrics(workdir)[6]["nonfinite_steps"] == 1
+
+
+def test_unusable_checkpoint_directory_exits_2_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("not a directory")
+    result = run_train(workdir, "--config.train.num_steps=2")
+    assert_one_line_error(result, 2, f"{workdir}/checkpoints", "not a directory")
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints"]
 
 
 def test_workdir_of_a_different_run_is_refused(tmp_path):
