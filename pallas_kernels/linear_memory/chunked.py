@@ -16,7 +16,7 @@ Delta rules (WY/UT representation). Writing `S_i = γ_i S_0 + Σ_{j≤i} Γ_ij k
 recurrence gives `u_i = β_i (v_i - γ_i S_0^T k_i - Σ_{j<i} Γ_ij (k_i·k_j) u_j)`, i.e.
 
     A = tril(diag(β) (Γ ⊙ K K^T), -1)
-    T = (I + A)^{-1} diag(β)                        (unit lower triangular solve)
+    T = (I + A)^{-1} diag(β)                        (unit lower triangular inverse)
     W = T (γ ⊙ K),   U = T V                        (γ ⊙ K scales row i by γ_i)
     U_new = U - W S_0                               (the "new values" of the chunk)
 
@@ -43,7 +43,6 @@ on TPU / recent GPUs the default multiplies float32 in bf16 passes / TF32.
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from pallas_kernels.linear_memory.reference import segment_resets
 
@@ -65,6 +64,23 @@ def _pairwise_decay_log(g):
     strictly_lower = positions[:, None] > positions[None, :]
     terms = jnp.where(strictly_lower, g[..., :, None], 0.0)  # terms[s, j] = g_s for s > j
     return jnp.cumsum(terms, axis=-2)
+
+
+def unit_lower_solve(strictly_lower, rhs):
+    """(I + A)^{-1} rhs for strictly lower triangular A ([..., C, C]), by matmuls only.
+
+    A is nilpotent (A^C = 0), so (I + A)^{-1} = sum_{n<C} (-A)^n
+    = (I + P)(I + P^2)(I + P^4)...(I + P^(2^(m-1))) with P = -A and 2^m >= C: 2·log2(C)
+    batched matmuls instead of a triangular solve. (jaxlib's CPU triangular solve, a LAPACK
+    call on a thread pool, was seen to deadlock under concurrent use; matmuls are also what
+    every accelerator runs best.)
+    """
+    power = -strictly_lower
+    solved = rhs
+    for _ in range(max(1, (strictly_lower.shape[-1] - 1).bit_length())):
+        solved = solved + power @ solved
+        power = power @ power
+    return solved
 
 
 def _to_chunks(x, num_chunks, chunk_size):
@@ -125,10 +141,9 @@ def recurrence(
         key_gram = jnp.einsum("bhnik,bhnjk->bhnij", k, k)
         strictly_lower = positions[:, None] > positions[None, :]
         a_matrix = jnp.where(strictly_lower, beta[..., :, None] * gamma * key_gram, 0.0)
-        unit_lower = a_matrix + jnp.eye(chunk_size, dtype=f32)
         # One solve for both right-hand sides: [U | W] = (I + A)^{-1} diag(β) [V | γ ⊙ K].
         rhs = beta[..., None] * jnp.concatenate([v, start_decay[..., None] * k], axis=-1)
-        solved = solve_triangular(unit_lower, rhs, lower=True, unit_diagonal=True)
+        solved = unit_lower_solve(a_matrix, rhs)
         values, w_matrix = solved[..., :value_dim], solved[..., value_dim:]
     else:
         values, w_matrix = v, None
