@@ -6,7 +6,7 @@ imported here (see `models.registry` for how to add one).
 
 import ml_collections
 
-from models import lm, registry  # noqa: F401  (lm registers "lm", "attention", "swa")
+from models import lm, memory_blocks, registry  # noqa: F401  (they register the block kinds)
 from models.registry import (
     build_block,
     build_model,

@@ -1,0 +1,250 @@
+"""The matrix-memory mixer: linear attention, GLA, DeltaNet and Gated DeltaNet in one layer.
+
+The layer around the recurrence follows Gated DeltaNet (Yang et al. 2025, "Gated Delta
+Networks", §3.4 and Fig. 1) and flash-linear-attention's `GatedDeltaNet` layer:
+
+    q, k, v = SiLU(ShortConv(x W_q)), SiLU(ShortConv(x W_k)), SiLU(ShortConv(x W_v))
+    q, k    = q / ‖q‖, k / ‖k‖                           (per head)
+    β_t     = sigmoid(x_t W_β)                           (per head; delta rules)
+    g_t     = -exp(A_log) · softplus(x_t W_a + dt_bias)   (log decay per head; gla, gdn)
+    o       = recurrence(q, k, v, g, β)                  (pallas_kernels.linear_memory)
+    y       = (RMSNorm(o) ⊙ SiLU(x W_gate)) W_out        (RMSNorm per head)
+
+`rule` picks the recurrence (state S ∈ R^{Dk×Dv} per head, o_t = Dk^-1/2 S_t^T q_t):
+
+    linear_attention   S_t = S_{t-1} + k_t v_t^T
+    gla                S_t = exp(g_t) S_{t-1} + k_t v_t^T
+    deltanet           S_t = S_{t-1} + β_t k_t (v_t - S_{t-1}^T k_t)^T
+    gated_deltanet     S_t = exp(g_t) S_{t-1} + β_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T
+
+"gla" is GLA with one scalar gate per head and step (fla's "simple GLA", the decay of
+Mamba2 / Gated DeltaNet), not GLA's per-key-channel gate: the recurrence API takes g [B,T,H].
+
+Decoding: `init_cache` gives the matrix state and the conv states (last K-1 pre-conv
+inputs of q, k, v); `extend` continues a cached sequence by T tokens.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.norms import rms_norm
+from layers.sharding import with_logical_axes
+from layers.short_conv import ShortConv
+from pallas_kernels import linear_memory as recurrences
+
+RULES = ("linear_attention", "gla", "deltanet", "gated_deltanet")
+DECAY_RULES = ("gla", "gated_deltanet")
+DELTA_RULES = ("deltanet", "gated_deltanet")
+
+
+def a_log_init(key, shape, dtype=jnp.float32):
+    """A_log = log A with A ~ U(1, 16) per head (Mamba2's A_init_range; fla's GDN draws
+    from (0, 16), whose lower end can give log 0)."""
+    return jnp.log(jax.random.uniform(key, shape, dtype, minval=1.0, maxval=16.0))
+
+
+def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
+    """Mamba2 / GDN: dt log-uniform in [dt_min, dt_max] (floored), stored as softplus^-1(dt)
+    so that softplus(0 + dt_bias) = dt at init."""
+    log_dt = jax.random.uniform(key, shape, dtype, math.log(dt_min), math.log(dt_max))
+    dt = jnp.maximum(jnp.exp(log_dt), dt_floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / sqrt(‖x‖² + eps) over the last axis, in float32 (fla's l2norm), cast back."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def log_decay(a_logits: jax.Array, a_log: jax.Array, dt_bias: jax.Array) -> jax.Array:
+    """GDN / Mamba2 data-dependent log decay g = -exp(A_log) softplus(a + dt_bias), float32."""
+    a_logits = a_logits.astype(jnp.float32)
+    return -jnp.exp(a_log) * jax.nn.softplus(a_logits + dt_bias)
+
+
+def run_recurrence(rule, q, k, v, g, beta, *, initial_state, output_final_state, **options):
+    """Dispatch to the recurrence of `rule` (g / beta are ignored by rules without them)."""
+    common = dict(initial_state=initial_state, output_final_state=output_final_state, **options)
+    if rule == "linear_attention":
+        return recurrences.linear_attention(q, k, v, **common)
+    if rule == "gla":
+        return recurrences.simple_gla(q, k, v, g, **common)
+    if rule == "deltanet":
+        return recurrences.delta_rule(q, k, v, beta, **common)
+    if rule == "gated_deltanet":
+        return recurrences.gated_delta_rule(q, k, v, g, beta, **common)
+    raise ValueError(f"rule={rule!r} is not one of {RULES}")
+
+
+def state_norm(state: jax.Array) -> jax.Array:
+    """Mean Frobenius norm of the per-head states [..., Dk, Dv] (a logged metric)."""
+    return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1))))
+
+
+class GatedOutput(nnx.Module):
+    """y = (RMSNorm(o) ⊙ SiLU(x W_gate)) W_out, RMSNorm over each head's Dv (one shared scale,
+    as fla's FusedRMSNormGated); W_out uses `out_init_std` (it writes the residual stream)."""
+
+    def __init__(self, d_model, num_heads, value_dim, *, eps, init_std, out_init_std, dtype, rngs):
+        def linear(features_in, features_out, std, axes):
+            return nnx.Linear(
+                features_in,
+                features_out,
+                use_bias=False,
+                dtype=dtype,
+                kernel_init=with_logical_axes(nnx.initializers.normal(std), *axes),
+                rngs=rngs,
+            )
+
+        self.gate = linear(d_model, num_heads * value_dim, init_std, ("embed", "qkv"))
+        self.out = linear(num_heads * value_dim, d_model, out_init_std, ("qkv", "embed"))
+        self.norm_scale = nnx.Param(
+            with_logical_axes(nnx.initializers.ones, "norm")(None, (value_dim,), jnp.float32)
+        )
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        """o [B, T, H, Dv] (memory readout), x [B, T, D] (the mixer input) -> [B, T, D]."""
+        gate = self.gate(x).reshape(o.shape).astype(jnp.float32)
+        normed = rms_norm(o, self.norm_scale[...], self.eps) * jax.nn.silu(gate)
+        return self.out(normed.reshape(*o.shape[:2], -1).astype(self.dtype))
+
+
+class LinearMemory(nnx.Module):
+    """Matrix-memory mixer (see the module docstring). x [B, T, D] -> y [B, T, D].
+
+    Matmuls run in `dtype` (parameters float32); norms, gates and the recurrence's state
+    are float32. `conv_size=0` disables the short convolutions (SiLU is kept).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        rule: str,
+        num_heads: int,
+        head_dim: int,
+        expand_v: int = 1,
+        conv_size: int = 4,
+        chunk_size: int = 64,
+        impl: str = "auto",
+        norm_eps: float = 1e-6,
+        init_std: float = 0.02,
+        out_init_std: float = 0.02,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if rule not in RULES:
+            raise ValueError(f"rule={rule!r} is not one of {RULES}")
+        self.rule = rule
+        self.num_heads, self.key_dim, self.value_dim = num_heads, head_dim, head_dim * expand_v
+        self.conv_size, self.chunk_size, self.impl = conv_size, chunk_size, impl
+        self.dtype = dtype
+
+        def linear(features_out, axes):
+            return nnx.Linear(
+                d_model,
+                features_out,
+                use_bias=False,
+                dtype=dtype,
+                kernel_init=with_logical_axes(nnx.initializers.normal(init_std), *axes),
+                rngs=rngs,
+            )
+
+        key_width, value_width = num_heads * self.key_dim, num_heads * self.value_dim
+        self.query = linear(key_width, ("embed", "qkv"))
+        self.key = linear(key_width, ("embed", "qkv"))
+        self.value = linear(value_width, ("embed", "qkv"))
+        if conv_size > 0:
+            self.query_conv = ShortConv(key_width, conv_size, rngs=rngs)
+            self.key_conv = ShortConv(key_width, conv_size, rngs=rngs)
+            self.value_conv = ShortConv(value_width, conv_size, rngs=rngs)
+        if rule in DELTA_RULES:
+            self.beta = linear(num_heads, ("embed", "heads"))
+        if rule in DECAY_RULES:
+            self.decay = linear(num_heads, ("embed", "heads"))
+            self.a_log = nnx.Param(
+                with_logical_axes(a_log_init, "heads")(rngs.params(), (num_heads,), jnp.float32)
+            )
+            self.dt_bias = nnx.Param(
+                with_logical_axes(dt_bias_init, "heads")(rngs.params(), (num_heads,), jnp.float32)
+            )
+        self.output = GatedOutput(
+            d_model,
+            num_heads,
+            self.value_dim,
+            eps=norm_eps,
+            init_std=init_std,
+            out_init_std=out_init_std,
+            dtype=dtype,
+            rngs=rngs,
+        )
+
+    def _conv(self, name, projected, cache, new_cache, segment_ids):
+        """SiLU(ShortConv(projected)) with the cached conv state `name` (if caching)."""
+        if self.conv_size == 0:
+            return jax.nn.silu(projected)
+        conv = getattr(self, f"{name}_conv")
+        conv_state = None if cache is None else cache[f"conv_{name}"]
+        y, new_conv_state = conv(projected, conv_state=conv_state, segment_ids=segment_ids)
+        new_cache[f"conv_{name}"] = new_conv_state
+        return y
+
+    def features(self, x, *, cache=None, segment_ids=None):
+        """x [B, T, D] -> (q, k [B,T,H,Dk], v [B,T,H,Dv], g, beta [B,T,H] float32 or None,
+        the updated conv states {conv_q, conv_k, conv_v})."""
+        batch, length, _ = x.shape
+        new_cache = {}
+        heads = (batch, length, self.num_heads)
+        q = self._conv("query", self.query(x), cache, new_cache, segment_ids).reshape(*heads, -1)
+        k = self._conv("key", self.key(x), cache, new_cache, segment_ids).reshape(*heads, -1)
+        v = self._conv("value", self.value(x), cache, new_cache, segment_ids).reshape(*heads, -1)
+        q, k = l2_normalize(q), l2_normalize(k)
+        g = beta = None
+        if self.rule in DECAY_RULES:
+            g = log_decay(self.decay(x), self.a_log[...], self.dt_bias[...])
+        if self.rule in DELTA_RULES:
+            beta = jax.nn.sigmoid(self.beta(x).astype(jnp.float32))
+        return q, k, v, g, beta, new_cache
+
+    def _recurrence(self, q, k, v, g, beta, *, initial_state=None, segment_ids=None):
+        return run_recurrence(
+            self.rule,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=initial_state,
+            output_final_state=True,
+            segment_ids=segment_ids,
+            # A decoding step (T = 1) need not pad to a whole chunk of 64.
+            chunk_size=min(self.chunk_size, q.shape[1]),
+            impl=self.impl,
+        )
+
+    def __call__(self, x, *, segment_ids=None):
+        """x [B, T, D] -> (y [B, T, D] in `dtype`, aux {"state_norm": final state's mean norm})."""
+        q, k, v, g, beta, _ = self.features(x, segment_ids=segment_ids)
+        o, final_state = self._recurrence(q, k, v, g, beta, segment_ids=segment_ids)
+        return self.output(o, x), {"state_norm": state_norm(final_state)}
+
+    def init_cache(self, batch_size: int) -> dict[str, jax.Array]:
+        """Empty memory: state [B, H, Dk, Dv] and conv states [B, K-1, C], all float32 zeros."""
+        shape = (batch_size, self.num_heads, self.key_dim, self.value_dim)
+        cache = {"state": jnp.zeros(shape, jnp.float32)}
+        if self.conv_size > 0:
+            for name in ("query", "key", "value"):
+                cache[f"conv_{name}"] = getattr(self, f"{name}_conv").init_state(batch_size)
+        return cache
+
+    def extend(self, x, cache):
+        """Continue the cached sequence with x [B, T, D] -> (y [B, T, D], new cache)."""
+        q, k, v, g, beta, new_cache = self.features(x, cache=cache)
+        o, new_cache["state"] = self._recurrence(q, k, v, g, beta, initial_state=cache["state"])
+        return self.output(o, x), new_cache
