@@ -17,16 +17,27 @@ Every function returns `(o, final_state)`: o in v's dtype, final_state float32 (
 changes between t-1 and t. `initial_state` applies only at t = 0, because a new segment is a
 new document and must not see the memory that belonged to another one.
 
-`impl`: "reference" (token-by-token scan, slow oracle), "chunked" (chunk-parallel XLA),
-"auto" (today always "chunked"), "pallas" / "pallas_tpu" / "pallas_gpu" (Pallas kernels,
-not yet available). `interpret=True` will run a Pallas kernel on CPU; it is accepted now so
-call sites need not change when the kernels land.
+`impl`:
+  "reference"   token-by-token scan, the slow oracle;
+  "chunked"     chunk-parallel XLA, every backend;
+  "pallas_tpu"  the Mosaic TPU kernel (`tpu.py`), "pallas_gpu" the Triton kernel (`gpu.py`),
+                forced whatever the backend, so either can be exported from any machine;
+  "pallas"      the kernel of `jax.default_backend()` (TPU -> tpu.py, GPU -> gpu.py; on CPU
+                only with interpret=True, which then runs the TPU kernel);
+  "auto"        a kernel only where its tests cover the call (`kernel_for_auto`), else
+                "chunked": TPU backend with Dk, Dv in {128, 256} and a chunk size that is a
+                multiple of 16; GPU backend with Dk, Dv powers of 2 in [16, 128] and a
+                chunk size of 16, 32 or 64; q, k, v float32 or bfloat16 in both.
+`interpret=True` runs the chosen Pallas kernel on CPU (Pallas interpret mode).
+The kernels' tests run them in interpret mode and export them for TPU / CUDA; a run on
+real hardware is not part of the test suite (see tests/pallas_kernels/).
 """
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.linear_memory import chunked, reference
+from pallas_kernels.linear_memory import chunked, gpu, reference, tpu
+from pallas_kernels.linear_memory.block_sizes import default_block_sizes
 
 IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_tpu", "pallas_gpu")
 _PALLAS_IMPLS = ("pallas", "pallas_tpu", "pallas_gpu")
@@ -35,6 +46,81 @@ _PALLAS_IMPLS = ("pallas", "pallas_tpu", "pallas_gpu")
 # inside an outer jit these are simply inlined.
 _reference = jax.jit(reference.recurrence)
 _chunked = jax.jit(chunked.recurrence, static_argnames=("chunk_size",))
+_KERNEL_STATIC = ("scale", "block_sizes", "interpret")
+_kernels = {
+    "tpu": jax.jit(tpu.recurrence, static_argnames=_KERNEL_STATIC),
+    "gpu": jax.jit(gpu.recurrence, static_argnames=_KERNEL_STATIC),
+}
+_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _is_power_of_2(n):
+    return n > 0 and n & (n - 1) == 0
+
+
+def kernel_rejects(platform, key_dim, value_dim, chunk_size, dtypes):
+    """Why a kernel cannot take these shapes / dtypes (None if it can).
+
+    TPU: chunk a multiple of 16 (bf16 sublane tiling); any Dk, Dv (blocks span them whole).
+    GPU: Triton blocks must have power-of-2 sizes and its dots need every side >= 16.
+    """
+    for dtype in dtypes:
+        if jnp.dtype(dtype) not in _KERNEL_DTYPES:
+            return f"dtype {jnp.dtype(dtype)} (kernels take float32 / bfloat16)"
+    if platform == "tpu":
+        return None if chunk_size % 16 == 0 else f"chunk_size={chunk_size} (a multiple of 16)"
+    for name, size in (("chunk_size", chunk_size), ("Dk", key_dim), ("Dv", value_dim)):
+        if not (_is_power_of_2(size) and size >= 16):
+            return f"{name}={size} (a power of 2, at least 16)"
+    return None
+
+
+def _auto_covers(platform, key_dim, value_dim, chunk_size):
+    """Shapes impl="auto" sends to a kernel: those its tests and lowering checks cover and
+    that use the hardware well. TPU: Dk, Dv in {128, 256} (whole (8, 128) tiles, state fits
+    VMEM). GPU: Dk, Dv <= 128 and chunk <= 64 (the state stays in registers)."""
+    if platform == "tpu":
+        return key_dim in (128, 256) and value_dim in (128, 256)
+    return key_dim <= 128 and value_dim <= 128 and chunk_size <= 64
+
+
+def _backend_platform():
+    """The kernel platform of the default backend: "tpu", "gpu", or None (CPU, others)."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "tpu"
+    if backend in ("gpu", "cuda", "rocm"):
+        return "gpu"
+    return None
+
+
+def kernel_for_auto(q, k, v, chunk_size):
+    """Platform of the kernel impl="auto" uses for these inputs, or None (use chunked)."""
+    platform = _backend_platform()
+    if platform is None:
+        return None
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    if kernel_rejects(platform, key_dim, value_dim, chunk_size, dtypes) is not None:
+        return None
+    return platform if _auto_covers(platform, key_dim, value_dim, chunk_size) else None
+
+
+def _forced_kernel(impl, interpret):
+    """Platform of the kernel an explicit impl="pallas*" asks for."""
+    if impl == "pallas_tpu":
+        return "tpu"
+    if impl == "pallas_gpu":
+        return "gpu"
+    platform = _backend_platform()
+    if platform is None:
+        if not interpret:
+            raise ValueError(
+                f"impl='pallas' on backend {jax.default_backend()!r}: no Pallas kernel; "
+                "pass interpret=True, or use impl='chunked'"
+            )
+        platform = "tpu"
+    return platform
 
 
 def _shape_error(name, shape, expected):
@@ -92,19 +178,28 @@ def _run(
     impl,
     interpret,
 ):
-    del interpret  # Only meaningful for the Pallas kernels, which are not available yet.
     _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl)
-    if impl in _PALLAS_IMPLS:
-        raise NotImplementedError(
-            f"impl={impl!r}: linear-memory Pallas kernel not yet available; "
-            "use impl='chunked' or 'auto'"
-        )
     if scale is None:
         scale = q.shape[-1] ** -0.5
     common = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
+    platform = None
+    if impl in _PALLAS_IMPLS:
+        platform = _forced_kernel(impl, interpret)
+        dtypes = (q.dtype, k.dtype, v.dtype)
+        reason = kernel_rejects(platform, q.shape[-1], v.shape[-1], chunk_size, dtypes)
+        if reason is not None:
+            raise ValueError(f"impl={impl!r}: the {platform} kernel does not take {reason}")
+    elif impl == "auto":
+        platform = kernel_for_auto(q, k, v, chunk_size)
+        interpret = False
     if impl == "reference":
         o, final_state = _reference(q, k, v, g, beta, **common)
-    else:  # "chunked", and "auto" until kernels exist.
+    elif platform is not None:
+        block_sizes = default_block_sizes(platform, chunk_size)
+        o, final_state = _kernels[platform](
+            q, k, v, g, beta, block_sizes=block_sizes, interpret=bool(interpret), **common
+        )
+    else:  # "chunked", and "auto" where no kernel covers the call.
         o, final_state = _chunked(q, k, v, g, beta, chunk_size=chunk_size, **common)
     return o, (final_state if output_final_state else None)
 

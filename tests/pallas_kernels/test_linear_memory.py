@@ -309,11 +309,3 @@ def test_bad_arguments_raise_value_error(name, bad_value, message):
     positional = [args.pop(n) for n in ("q", "k", "v", "g", "beta")]
     with pytest.raises(ValueError, match=message):
         linear_memory.gated_delta_rule(*positional, **args)
-
-
-@pytest.mark.parametrize("impl", ["pallas", "pallas_tpu", "pallas_gpu"])
-def test_pallas_impls_not_yet_available(impl):
-    args = good_args()
-    positional = [args.pop(n) for n in ("q", "k", "v", "g", "beta")]
-    with pytest.raises(NotImplementedError, match="Pallas kernel not yet available"):
-        linear_memory.gated_delta_rule(*positional, **args, impl=impl, interpret=True)
