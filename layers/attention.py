@@ -190,16 +190,16 @@ class Attention(nnx.Module):
             key_positions = jnp.concatenate([cache["key_positions"], positions], axis=1)
             mask = cache_attention_mask(positions, key_positions, window=self.window)
             heads = dot_product_attention(query, keys, values, mask)
-            return self.output(heads), _write_cache(cache, key, value, positions)
+            return self.output(heads), write_cache(cache, key, value, positions)
         # Writing first is exact here: a full cache never overwrites a slot in use, and a
         # single token only overwrites a key that has just left its window.
-        cache = _write_cache(cache, key, value, positions)
+        cache = write_cache(cache, key, value, positions)
         mask = cache_attention_mask(positions, cache["key_positions"], window=self.window)
         heads = dot_product_attention(query, cache["key"], cache["value"], mask)
         return self.output(heads), cache
 
 
-def _write_cache(cache, key, value, positions):
+def write_cache(cache, key, value, positions):
     """Store k, v [B, T, K, hd] of tokens at `positions` [B, T] in slots position mod S.
 
     Only the last S tokens are written (earlier ones would be overwritten anyway, and a

@@ -6,7 +6,13 @@ imported here (see `models.registry` for how to add one).
 
 import ml_collections
 
-from models import lm, memory_blocks, registry  # noqa: F401  (they register the block kinds)
+from models import (  # noqa: F401  (importing them registers the block kinds)
+    lm,
+    memory_blocks,
+    registry,
+    titans,
+    titans_mac,
+)
 from models.registry import (
     build_block,
     build_model,

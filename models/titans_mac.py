@@ -1,0 +1,172 @@
+"""Titans MAC, "memory as a context" (Behrouz et al. 2024, §4.1), registered as the block
+kind "mac". The shared parts (memory construction, gating, options) are in `models.titans`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from layers.attention import (
+    attention_mask,
+)
+from layers.linear_memory import GatedOutput
+from layers.neural_memory import memory_norms
+from models.titans import _MEMORY_DEFAULTS, _GatedBlock, _no_packing, _register
+
+
+class MACBlock(_GatedBlock):
+    """MAC (§4.1, eqs. 21-25), segment by segment (length N = segment_size, `lax.scan`):
+
+        h   = M*_{s-1}(q_s)                    retrieval, no update (eq. 21), q_s = x_s W_Q
+        y_s = Attn([p ‖ h ‖ x_s])               full attention inside the segment (eqs. 22-23)
+        M_s = M_{s-1} trained on y_s            keys/values/gates from y_s (eq. 24)
+        o_s = y_s ⊗ M_s(y_s)                    (eq. 25)
+
+    then x + o and SwiGLU. Departures, all for causality in an autoregressive LM: h_j =
+    M*(q_j) carries token j, so query i sees h_j only for j <= i (as it sees x_j); eq. 25
+    reads each token with the memory updated up to that token (o_i = M_i(q(y_i)), the
+    recurrence's read-after-update) instead of the memory after the whole segment. The
+    retrieved h goes through RMSNorm per head, an output gate and a projection to D before
+    attention (`GatedOutput`), and gets the RoPE positions of its x token. T is padded to a
+    multiple of N at the end (padding never reaches real tokens; it does enter the logged
+    final memory norms). Decoding runs token by token and equals this forward.
+    """
+
+    def __init__(self, model_config, block_config, *, rngs):
+        super().__init__(model_config, block_config, rngs=rngs)
+        self.segment_size = block_config.segment_size
+        self.retrieval_out = GatedOutput(
+            model_config.d_model,
+            self.memory.num_heads,
+            self.memory.head_dim,
+            eps=model_config.norm_eps,
+            init_std=model_config.init_std,
+            out_init_std=model_config.init_std,
+            dtype=self.dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x, *, positions, segment_ids=None):
+        _no_packing(segment_ids)
+        batch, length, _ = x.shape
+        size = self.segment_size
+        num_segments = -(-length // size)
+        padding = num_segments * size - length
+        normed = self.memory_norm(x)
+        normed = jnp.pad(normed, ((0, 0), (0, padding), (0, 0)))
+        positions = jnp.pad(positions, ((0, 0), (0, padding)), mode="edge")
+        retrieval_queries, _ = self.memory.queries(normed)  # the conv runs across segments
+
+        def segments(a):  # [B, S*N, ...] -> [S, B, N, ...]
+            return jnp.moveaxis(a.reshape(batch, num_segments, size, *a.shape[2:]), 1, 0)
+
+        causal = attention_mask(jnp.arange(size), jnp.arange(size))  # [1, N, N]
+        mask = jnp.concatenate([causal, causal], axis=-1)  # over [h ‖ x_s]
+
+        def segment_step(carry, segment):
+            state, conv_states = carry
+            x_s, q_s, positions_s = segment
+            retrieved = self.retrieval_out(self.memory.read(state, q_s), x_s)
+            query, key, value = self.attention.project(x_s, positions_s)
+            _, key_h, value_h = self.attention.project(retrieved, positions_s)
+            keys = jnp.concatenate([key_h, key], axis=1)
+            values = jnp.concatenate([value_h, value], axis=1)
+            attended = self.attend(query, keys, values, mask)
+            inputs, conv_states = self.memory.features(attended.astype(self.dtype), conv_states)
+            read_out, state = self.memory.recur(inputs, state)
+            remembered = self.memory.output(read_out, attended.astype(self.dtype))
+            return (state, conv_states), self.gate(attended, remembered)
+
+        conv_states = {}
+        if self.memory.conv_size > 0:
+            conv_states = {
+                name: getattr(self.memory, f"{name}_conv").init_state(batch)
+                for name in ("query", "key", "value")
+            }
+        carry = (self.memory.initial_state(batch), conv_states)
+        inputs = (segments(normed), segments(retrieval_queries), segments(positions))
+        (state, _), outputs = jax.lax.scan(segment_step, carry, inputs)
+        outputs = jnp.moveaxis(outputs, 0, 1).reshape(batch, num_segments * size, -1)
+        return self._mlp_residual(x + outputs[:, :length]), memory_norms(state)
+
+    # Decoding: the segment's retrieval memory M*_{s-1}, the memory's chunk cache (whose
+    # chunks restart at every segment, as `recur` per segment does), the conv states of
+    # the x stream (retrieval queries) and of the y stream (updates), and the segment's
+    # keys / values so far ([h ‖ x] slots, masked beyond the current index).
+
+    def init_cache(self, batch_size: int, max_length: int):
+        del max_length  # attention never reaches past the current segment
+        size, attention = self.segment_size, self.attention
+        shape = (batch_size, 2 * size, attention.num_kv_heads, attention.head_dim)
+        memory_cache = self.memory.init_cache(batch_size)
+        conv = memory_cache.pop("conv", {})
+        return {
+            "segment_start": memory_cache["chunk_start"],
+            "memory": memory_cache,
+            "x_conv": {name: state for name, state in conv.items() if name == "query"},
+            "y_conv": conv,
+            "key": jnp.zeros(shape, self.dtype),
+            "value": jnp.zeros(shape, self.dtype),
+            "index": jnp.zeros((), jnp.int32),  # of the next token within its segment
+        }
+
+    def extend(self, x, cache, *, positions):
+        """T new tokens, one at a time (`lax.scan`) -> (y [B, T, D], cache); equals the full
+        forward restricted to the new rows."""
+        size = self.segment_size
+        slots = jnp.arange(2 * size) % size
+
+        def token_step(carry, token):
+            x_t, positions_t = token[0][:, None], token[1][:, None]  # [B, 1, ...]
+            index = carry["index"]
+            queries, x_conv = self.memory.queries(x_t, carry["x_conv"] or None)
+            retrieved = self.retrieval_out(self.memory.read(carry["segment_start"], queries), x_t)
+            query, key, value = self.attention.project(x_t, positions_t)
+            _, key_h, value_h = self.attention.project(retrieved, positions_t)
+
+            def write(buffer, h_part, x_part):
+                buffer = jax.lax.dynamic_update_index_in_dim(buffer, h_part[:, 0], index, 1)
+                return jax.lax.dynamic_update_index_in_dim(buffer, x_part[:, 0], size + index, 1)
+
+            keys = write(carry["key"], key_h.astype(self.dtype), key.astype(self.dtype))
+            values = write(carry["value"], value_h.astype(self.dtype), value.astype(self.dtype))
+            mask = jnp.broadcast_to(slots <= index, (1, 1, 2 * size))
+            attended = self.attend(query, keys, values, mask).astype(self.dtype)
+            inputs, y_conv = self.memory.features(attended, carry["y_conv"] or None)
+            ends = index == size - 1
+            read_out, memory_cache = self.memory.extend_memory(
+                inputs, carry["memory"], ends_chunk=ends[None]
+            )
+            remembered = self.memory.output(read_out, attended)
+            new_carry = {
+                "segment_start": jax.tree.map(
+                    lambda new, old: jnp.where(ends, new, old),
+                    memory_cache["chunk_start"],
+                    carry["segment_start"],
+                ),
+                "memory": memory_cache,
+                "x_conv": x_conv,
+                "y_conv": y_conv,
+                "key": keys,
+                "value": values,
+                "index": jnp.where(ends, 0, index + 1),
+            }
+            return new_carry, self.gate(attended, remembered)[:, 0]
+
+        tokens = (jnp.moveaxis(self.memory_norm(x), 1, 0), jnp.moveaxis(positions, 1, 0))
+        cache, outputs = jax.lax.scan(token_step, cache, tokens)
+        return self._mlp_residual(x + jnp.moveaxis(outputs, 0, 1)), cache
+
+
+# ---- registration ----------------------------------------------------------------------------
+
+
+_register(
+    "mac",
+    MACBlock,
+    {
+        **_MEMORY_DEFAULTS,
+        "rope_theta": 10000.0,
+        "num_persistent": 4,
+        "segment_size": 64,
+    },
+)
