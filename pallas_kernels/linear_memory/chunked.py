@@ -66,21 +66,35 @@ def _pairwise_decay_log(g):
     return jnp.cumsum(terms, axis=-2)
 
 
-def unit_lower_solve(strictly_lower, rhs):
-    """(I + A)^{-1} rhs for strictly lower triangular A ([..., C, C]), by matmuls only.
+def unit_lower_inverse(strictly_lower):
+    """(I + A)^{-1} for strictly lower triangular A ([..., C, C]), by recursive blocking.
 
-    A is nilpotent (A^C = 0), so (I + A)^{-1} = sum_{n<C} (-A)^n
-    = (I + P)(I + P^2)(I + P^4)...(I + P^(2^(m-1))) with P = -A and 2^m >= C: 2·log2(C)
-    batched matmuls instead of a triangular solve. (jaxlib's CPU triangular solve, a LAPACK
-    call on a thread pool, was seen to deadlock under concurrent use; matmuls are also what
-    every accelerator runs best.)
+    Diagonal blocks are inverted bottom-up, doubling their size each level:
+    inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]] with X = inv(L), so log2(C)
+    levels of batched matmuls, numerically as benign as forward substitution. (Not a LAPACK
+    triangular solve: jaxlib's CPU one runs on a thread pool and was seen to deadlock under
+    concurrent use. Not the Neumann product (I - A)(I + A^2)...: its powers of A have
+    binomially large entries, and float32 cancellation gave NaNs for repeated keys.)
     """
-    power = -strictly_lower
-    solved = rhs
-    for _ in range(max(1, (strictly_lower.shape[-1] - 1).bit_length())):
-        solved = solved + power @ solved
-        power = power @ power
-    return solved
+    chunk = strictly_lower.shape[-1]
+    size = 1 << (chunk - 1).bit_length()  # next power of two; padding is the identity
+    pad = [(0, 0)] * (strictly_lower.ndim - 2) + [(0, size - chunk)] * 2
+    lower = jnp.pad(strictly_lower, pad) + jnp.eye(size, dtype=strictly_lower.dtype)
+    batch_shape = lower.shape[:-2]
+    inverse = jnp.ones(batch_shape + (size, 1, 1), lower.dtype)  # inverses of 1x1 blocks
+    block = 1
+    while block < size:
+        pairs = size // (2 * block)
+        grid = lower.reshape(batch_shape + (pairs, 2 * block, pairs, 2 * block))
+        diagonal = jnp.moveaxis(jnp.diagonal(grid, axis1=-4, axis2=-2), -1, -3)
+        lower_left = diagonal[..., block:, :block]  # L21 of each pair, [..., pairs, b, b]
+        upper, lower_right = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        off_diagonal = -lower_right @ lower_left @ upper
+        top = jnp.concatenate([upper, jnp.zeros_like(upper)], axis=-1)
+        bottom = jnp.concatenate([off_diagonal, lower_right], axis=-1)
+        inverse = jnp.concatenate([top, bottom], axis=-2)
+        block *= 2
+    return inverse[..., 0, :chunk, :chunk]
 
 
 def _to_chunks(x, num_chunks, chunk_size):
@@ -143,7 +157,7 @@ def recurrence(
         a_matrix = jnp.where(strictly_lower, beta[..., :, None] * gamma * key_gram, 0.0)
         # One solve for both right-hand sides: [U | W] = (I + A)^{-1} diag(β) [V | γ ⊙ K].
         rhs = beta[..., None] * jnp.concatenate([v, start_decay[..., None] * k], axis=-1)
-        solved = unit_lower_solve(a_matrix, rhs)
+        solved = unit_lower_inverse(a_matrix) @ rhs
         values, w_matrix = solved[..., :value_dim], solved[..., value_dim:]
     else:
         values, w_matrix = v, None
