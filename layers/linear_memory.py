@@ -54,6 +54,13 @@ def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, dt_floo
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
+def decay_parameters(num_heads: int, rngs: nnx.Rngs):
+    """Per-head A_log and dt_bias of the Gated-DeltaNet decay (Mamba2 init), float32."""
+    a_log = with_logical_axes(a_log_init, "heads")(rngs.params(), (num_heads,), jnp.float32)
+    dt_bias = with_logical_axes(dt_bias_init, "heads")(rngs.params(), (num_heads,), jnp.float32)
+    return nnx.Param(a_log), nnx.Param(dt_bias)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """x / sqrt(‖x‖² + eps) over the last axis, in float32 (fla's l2norm), cast back."""
     x32 = x.astype(jnp.float32)
@@ -168,12 +175,7 @@ class LinearMemory(nnx.Module):
             self.beta = linear(num_heads, ("embed", "heads"))
         if rule in DECAY_RULES:
             self.decay = linear(num_heads, ("embed", "heads"))
-            self.a_log = nnx.Param(
-                with_logical_axes(a_log_init, "heads")(rngs.params(), (num_heads,), jnp.float32)
-            )
-            self.dt_bias = nnx.Param(
-                with_logical_axes(dt_bias_init, "heads")(rngs.params(), (num_heads,), jnp.float32)
-            )
+            self.a_log, self.dt_bias = decay_parameters(num_heads, rngs)
         self.output = GatedOutput(
             d_model,
             num_heads,

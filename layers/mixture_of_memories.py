@@ -41,8 +41,7 @@ from layers.linear_memory import (
     DELTA_RULES,
     RULES,
     GatedOutput,
-    a_log_init,
-    dt_bias_init,
+    decay_parameters,
     l2_normalize,
     log_decay,
     run_recurrence,
@@ -150,12 +149,7 @@ class MixtureOfMemories(nnx.Module):
         if rule in DECAY_RULES:
             self.decay_kernel = stacked(normal, (d_model, num_heads), "embed", "heads")
             # One decay rate per head, shared by the memories (as in the MoM code).
-            self.a_log = nnx.Param(
-                with_logical_axes(a_log_init, "heads")(rngs.params(), (num_heads,), jnp.float32)
-            )
-            self.dt_bias = nnx.Param(
-                with_logical_axes(dt_bias_init, "heads")(rngs.params(), (num_heads,), jnp.float32)
-            )
+            self.a_log, self.dt_bias = decay_parameters(num_heads, rngs)
         self.output = GatedOutput(
             d_model,
             num_heads,
