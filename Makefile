@@ -27,9 +27,18 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS) tests
 
-# Long checks and benchmarks: run by hand, results recorded in benchmarks/results/.
+# Long checks and benchmarks: run by hand (about an hour on 2 CPU cores); results are
+# written to benchmarks/results/. pytest's exit 5 means "no slow tests", which is fine.
 bench: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m slow tests || test $$? -eq 5
+	XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+	  $(PY) -m benchmarks.kernels --heads=4 --dim=64 --lengths=1024,2048,4096,8192 \
+	  --max_reference_length=8192 --repeats=5
+	$(PY) -m benchmarks.neural_memory_speed
+	$(PY) -m benchmarks.optimizer_memory --d_model 768 --num_layers 12 --mlp_dim 2048 \
+	  --vocab_size 32000
+	$(PY) -m benchmarks.optimizer_comparison --steps 300
+	$(PY) -m benchmarks.model_comparison --mqar_steps 500 --text_steps 300
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
