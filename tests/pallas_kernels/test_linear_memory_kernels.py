@@ -14,6 +14,13 @@ import pytest
 
 from pallas_kernels import linear_memory
 from pallas_kernels.linear_memory import api
+from tests.pallas_kernels.test_linear_memory import (
+    RULES,
+    assert_close,
+    call,
+    differentiable_names,
+    outputs_and_gradients,
+)
 
 # Tolerances, fixed once: max |actual - expected| <= TOL * max(1, max |expected|), per array.
 # float32: kernel and reference differ by summation order and the forward substitution
@@ -27,12 +34,6 @@ BATCH, HEADS, DIM, CHUNK = 2, 1, 16, 16
 PLATFORMS = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
 
 # name -> (public function, takes g, takes beta)
-RULES = {
-    "linear_attention": (linear_memory.linear_attention, False, False),
-    "simple_gla": (linear_memory.simple_gla, True, False),
-    "delta_rule": (linear_memory.delta_rule, False, True),
-    "gated_delta_rule": (linear_memory.gated_delta_rule, True, True),
-}
 
 
 def make_inputs(seed, length, dtype=jnp.float32, dim=DIM, batch=BATCH):
@@ -67,55 +68,6 @@ def packed_segment_ids(length):
     row1 = np.zeros(length, np.int32)
     row1[min(CHUNK, length // 2) :] = 1
     return jnp.asarray(np.stack([row0, row1]))
-
-
-def call(rule, inputs, **kwargs):
-    fn, takes_g, takes_beta = RULES[rule]
-    gates = ([inputs["g"]] if takes_g else []) + ([inputs["beta"]] if takes_beta else [])
-    return fn(
-        inputs["q"],
-        inputs["k"],
-        inputs["v"],
-        *gates,
-        initial_state=inputs["initial_state"],
-        output_final_state=True,
-        **kwargs,
-    )
-
-
-def differentiable_names(rule):
-    _, takes_g, takes_beta = RULES[rule]
-    return ["q", "k", "v"] + ["g"] * takes_g + ["beta"] * takes_beta + ["initial_state"]
-
-
-def outputs_and_gradients(rule, inputs, **kwargs):
-    """(o, final_state, {name: gradient}) of a fixed random linear function of both outputs."""
-    names = differentiable_names(rule)
-    rng = np.random.default_rng(123)
-    cotangent_o, cotangent_state = (
-        jnp.asarray(rng.standard_normal(shape), jnp.bfloat16).astype(jnp.float32)
-        for shape in (inputs["v"].shape, inputs["initial_state"].shape)
-    )
-
-    def loss(differentiable):
-        o, final_state = call(rule, {**inputs, **differentiable}, **kwargs)
-        value = jnp.sum(o.astype(jnp.float32) * cotangent_o)
-        return value + jnp.sum(final_state * cotangent_state), (o, final_state)
-
-    grads, (o, final_state) = jax.jit(jax.grad(loss, has_aux=True))(
-        {name: inputs[name] for name in names}
-    )
-    return o, final_state, grads
-
-
-def assert_close(actual, expected, tol, what):
-    actual = np.asarray(jnp.asarray(actual, jnp.float32))
-    expected = np.asarray(jnp.asarray(expected, jnp.float32))
-    assert actual.shape == expected.shape, what
-    assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
-    error = np.max(np.abs(actual - expected))
-    bound = tol * max(1.0, float(np.max(np.abs(expected))))
-    assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g}"
 
 
 def assert_all_close(rule, actual, expected, tol):
