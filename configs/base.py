@@ -65,4 +65,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 250  # 0 disables evaluation during training
     config.eval.num_batches = 4
+    # Recall evals during training (`evals.recall`), logged as recall/<task>/... scalars.
+    config.eval.recall_every_steps = 0  # 0 disables
+    config.eval.recall_tasks = ()  # subset of ("mqar", "niah"); () = both for mqar data, else niah
+    config.eval.recall_num_examples = 32  # per cell of the MQAR grid / NIAH grid
+    config.eval.recall_length_multiples = (1,)  # evaluated lengths, in multiples of data.seq_len
+    config.eval.mqar_num_kv_pairs = ()  # () = half, once and twice data.mqar.num_kv_pairs
+    config.eval.niah_depths = (0.0, 0.5, 1.0)  # needle depths in [0, 1]
+    # Memory behaviour (`evals.memory_behaviour`): per-layer state norm and retrieval errors
+    # on held-out sequences, as memory/... scalars and a TensorBoard figure. 0 disables.
+    config.eval.memory_every_steps = 0
     return config

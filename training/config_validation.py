@@ -81,6 +81,7 @@ def check_values(config) -> None:
         _require(value > 0, key, f"must be > 0, got {value}")
     _require(config.eval.every_steps >= 0, "eval.every_steps", "must be >= 0 (0 disables)")
     _require(config.eval.num_batches > 0, "eval.num_batches", "must be > 0")
+    check_eval(config.eval)
 
     data_lib.validate(config.data)
     check_model(config.model, seq_len=config.data.seq_len)
@@ -94,6 +95,33 @@ def check_values(config) -> None:
         config.optim.name in optim.OPTIMIZER_NAMES,
         "optim.name",
         f"unknown optimizer {config.optim.name!r} (choose {', '.join(optim.OPTIMIZER_NAMES)})",
+    )
+
+
+RECALL_TASKS = ("mqar", "niah")  # evals.recall.TASKS (not imported: evals imports training)
+
+
+def check_eval(eval_config) -> None:
+    """The recall and memory-behaviour hooks' keys (see configs/base.py)."""
+    for key in ("recall_every_steps", "memory_every_steps"):
+        _require(eval_config[key] >= 0, f"eval.{key}", "must be >= 0 (0 disables)")
+    examples = eval_config.recall_num_examples
+    _require(examples > 0, "eval.recall_num_examples", f"must be > 0, got {examples}")
+    for task in eval_config.recall_tasks:
+        _require(
+            task in RECALL_TASKS,
+            "eval.recall_tasks",
+            f"unknown task {task!r} (choose from {', '.join(RECALL_TASKS)})",
+        )
+    for key in ("recall_length_multiples", "mqar_num_kv_pairs"):
+        values = tuple(eval_config[key])
+        _require(all(v >= 1 for v in values), f"eval.{key}", f"must be >= 1, got {values}")
+    _require(len(eval_config.recall_length_multiples) > 0, "eval.recall_length_multiples", "empty")
+    depths = tuple(eval_config.niah_depths)
+    _require(
+        len(depths) > 0 and all(0.0 <= d <= 1.0 for d in depths),
+        "eval.niah_depths",
+        f"must be depths in [0, 1], got {depths}",
     )
 
 

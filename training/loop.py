@@ -3,7 +3,7 @@
 Workdir layout:
   config.json       the resolved config of the run
   checkpoints/<step>/  Orbax checkpoints (train state + data iterator state)
-  events.out.tfevents.*  TensorBoard scalars (process 0)
+  events.out.tfevents.*  TensorBoard scalars (process 0), and the memory-behaviour figure
   metrics.jsonl     one JSON object per logged step
   profile/          jax.profiler traces, if requested
 """
@@ -18,6 +18,7 @@ import numpy as np
 
 import data as data_lib
 import optim
+from evals.during_training import TrainingEvals
 from training import calibration, config_validation
 from training import checkpoint as checkpoint_lib
 from training import sharding as sharding_lib
@@ -136,6 +137,7 @@ def run(config, workdir: str) -> dict[str, float]:
     # Everything that can fail on bad input has run: only now is the workdir written.
     prepare_workdir(config, workdir, is_primary=is_primary)
     logger = MetricsLogger(workdir, config.train.num_steps, enabled=is_primary)
+    training_evals = TrainingEvals(config, spec, logger)
     state, state_shardings = create_train_state(config, spec, tx, mesh)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract_params))
     logger.message(f"model: {num_params:,} parameters; mesh: {dict(mesh.shape)}")
@@ -203,6 +205,9 @@ def run(config, workdir: str) -> dict[str, float]:
                 )
                 last.update(eval_metrics)
                 throughput.mark(step)  # evaluation time is not training throughput
+            if training_evals.due(step):  # recall / memory behaviour (evals.during_training)
+                last.update(training_evals.run(step, state.params))
+                throughput.mark(step)
             if (
                 step % config.checkpoint.every_steps == 0
                 or step == num_steps

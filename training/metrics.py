@@ -40,6 +40,11 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
 
+    def figure(self, step: int, tag: str, figure) -> None:
+        """A matplotlib figure as a TensorBoard image (closed afterwards)."""
+        if self.enabled:
+            self.writer.add_figure(tag, figure, step, close=True)
+
     def progress(self, step: int, loss: float, tokens_per_second: float, seconds_per_step: float):
         if not self.enabled:
             return

@@ -283,6 +283,12 @@ def write_tokens(path, values, dtype="uint16"):
         ("mesh too big", ["--config.mesh.data=4", "--config.mesh.fsdp=4"], ["needs 16 devices"]),
         ("batch vs devices", ["--config.train.batch_size=6"], ["train.batch_size", "4 devices"]),
         ("loss chunk", ["--config.model.loss_chunk_size=5"], ["model.loss_chunk_size"]),
+        (
+            "recall task",
+            ["--config.eval.recall_tasks=('mqar','copying')"],
+            ["eval.recall_tasks", "copying"],
+        ),
+        ("niah depth", ["--config.eval.niah_depths=(0.5,1.5)"], ["eval.niah_depths", "1.5"]),
         ("empty data dir", ["--config.data.name=text", "--config.data.path={empty}"], ["{empty}"]),
         (
             "token >= vocab",

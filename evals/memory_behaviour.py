@@ -1,0 +1,270 @@
+"""Memory behaviour: per layer, how big the memory state is and how well it retrieves, token
+by token, as the sequence streams past.
+
+For a memory layer with state M_t after token t (its keys k_t and values v_t are the ones the
+layer writes, after its projections, convolutions and normalisations):
+
+    state_norm[t]    ||M_t||_F (square root of the sum over the memory's weight matrices),
+    error_before[t]  ||M_{t-1}(k_t) - v_t||  retrieval of the new pair before writing it
+                     (the "surprise" of Titans eq. 12, before any decay),
+    error_after[t]   ||M_t(k_t) - v_t||      the same pair right after the update,
+    recall_error[t]  mean_{i <= t} ||M_t(k_i) - v_i||  how well the memory at t still
+                     recalls every pair written so far (forgetting shows here),
+    value_norm[t]    ||v_t||  the scale the errors compare to (0 error = perfect recall),
+
+each averaged over batch rows and heads ([T] arrays). M(k) is the memory's own read:
+  * Titans neural memory (block kinds lmm, mal, mag; MLP or matrix memory): M(k) = the
+    memory network at k, M_t as the layer computes it in training, i.e. the chunk-parallel
+    form (gradients at the decayed chunk-start memory, Titans eqs. 16-18) with the layer's
+    chunk size. Traced for the rules "gd"/"momentum", retention "gated_decay", biases "l2"/
+    "dot_product" and omega_window 1; other Miras choices are reported as not traced.
+  * matrix memories (linear_attention, gla, deltanet, gdn): M(k) = S^T k, S_t as in
+    `layers.linear_memory` (for linear attention / GLA, S^T k is not trained towards v, so
+    their errors grow with the number of tokens by construction).
+Layers without a reachable memory (attention, swa, mom, mac, and unknown kinds) are listed
+with the reason.
+
+    trace(model, tokens) -> {"layer_00": {"kind", "state_norm", ... [T] numpy}, ...,
+                             "layer_01": {"kind": "attention", "skipped": reason}}
+    scalars(traced) -> {"memory/layer_00/state_norm": final value, ...}
+    figure(traced) -> matplotlib Figure (state norm and errors over t, one line per layer)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers.linear_memory import DECAY_RULES, DELTA_RULES, LinearMemory
+from layers.neural_memory import NeuralMemory
+
+QUANTITIES = ("state_norm", "error_before", "error_after", "recall_error", "value_norm")
+
+
+def _norm(x):
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1))
+
+
+def _recall_error(predictions, values, t):
+    """mean over i <= t of ||pred_i - v_i||: predictions, values [B, H, T, D] -> [B, H]."""
+    errors = _norm(predictions - values)
+    past = jnp.arange(values.shape[2]) <= t
+    return jnp.sum(jnp.where(past, errors, 0.0), axis=-1) / (t + 1)
+
+
+def _summarise(per_token):
+    """{name: [T, B, H]} -> {name: [T]} (mean over batch rows and heads)."""
+    return {name: jnp.mean(value, axis=(1, 2)) for name, value in per_token.items()}
+
+
+def _neural_support(spec) -> str | None:
+    checks = (
+        ("rule", spec.rule, ("gd", "momentum")),
+        ("retention", getattr(spec, "retention", "gated_decay"), ("gated_decay",)),
+        ("bias", spec.bias, ("l2", "dot_product")),
+        ("omega_window", getattr(spec, "omega_window", 1), (1,)),
+    )
+    for name, value, supported in checks:
+        if value not in supported:
+            return f"{name}={value!r} is not traced (supported: {supported})"
+    return None
+
+
+def neural_memory_trace(spec, inputs, initial_state, chunk_size):
+    """Diagnostics of the deep memory (module docstring) with the chunk-start rule.
+
+    inputs: q, k, v [B, T, H, D], lr, eta (None for GD), g [B, T, H] (as
+    `NeuralMemory.features`); initial_state: NeuralMemoryState [B, H, ...]. Returns
+    ({quantity: [T]}, outputs o_t = M_t(q_t) [B, T, H, Dv]).
+    """
+    forward = spec.memory_architecture.forward
+    as_f32 = lambda x: None if x is None else jnp.moveaxis(x.astype(jnp.float32), 1, 0)  # noqa: E731
+    q, k, v, lr, eta, g = (as_f32(inputs[name]) for name in ("q", "k", "v", "lr", "eta", "g"))
+    all_keys, all_values = jnp.moveaxis(k, 0, 2), jnp.moveaxis(v, 0, 2)  # [B, H, T, D]
+
+    def read(weights, x):  # x [B, H, D] -> [B, H, Dv]
+        return forward(weights, x[..., None, :])[0][..., 0, :]
+
+    def inner_loss(weights, key, value):  # summed over (b, h): each weight sees its own token
+        prediction = read(weights, key)
+        if spec.bias == "l2":
+            return 0.5 * jnp.sum(jnp.square(prediction - value))
+        return -jnp.sum(prediction * value)
+
+    def body(carry, token):
+        weights, momentum, chunk_start, gamma = carry
+        t, query, key, value, lr_t, eta_t, g_t = token
+        starts = t % chunk_size == 0
+        chunk_start = jax.tree.map(lambda s, w: jnp.where(starts, w, s), chunk_start, weights)
+        gamma = jnp.where(starts, 1.0, gamma) * jnp.exp(g_t)
+        before = _norm(read(weights, key) - value)
+        decayed_start = jax.tree.map(lambda w: gamma[..., None, None] * w, chunk_start)
+        gradient = jax.grad(inner_loss)(decayed_start, key, value)
+        step = jax.tree.map(lambda u: -lr_t[..., None, None] * u, gradient)
+        if momentum is not None:  # S_t = eta_t S_{t-1} - theta_t u_t (Titans eq. 10)
+            momentum = jax.tree.map(lambda s, u: eta_t[..., None, None] * s + u, momentum, step)
+            step = momentum
+        weights = jax.tree.map(lambda w, u: jnp.exp(g_t)[..., None, None] * w + u, weights, step)
+        predictions, _ = forward(weights, all_keys)
+        diagnostics = {
+            "state_norm": jnp.sqrt(
+                sum(jnp.sum(jnp.square(w), axis=(-2, -1)) for w in weights.values())
+            ),
+            "error_before": before,
+            "error_after": _norm(read(weights, key) - value),
+            "recall_error": _recall_error(predictions, all_values, t),
+            "value_norm": _norm(value),
+        }
+        return (weights, momentum, chunk_start, gamma), (diagnostics, read(weights, query))
+
+    weights = jax.tree.map(lambda w: w.astype(jnp.float32), initial_state.weights)
+    momentum = initial_state.momentum
+    gamma = jnp.ones(lr.shape[1:], jnp.float32)
+    steps = jnp.arange(q.shape[0])
+    zeros_eta = jnp.zeros_like(lr) if eta is None else eta
+    carry = (weights, momentum, weights, gamma)
+    _, (per_token, outputs) = jax.lax.scan(body, carry, (steps, q, k, v, lr, zeros_eta, g))
+    return _summarise(per_token), jnp.moveaxis(outputs, 0, 1)
+
+
+def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None):
+    """Diagnostics of a matrix memory S [Dk, Dv] per head (module docstring), token by token.
+
+    q, k [B, T, H, Dk], v [B, T, H, Dv], g / beta [B, T, H] or None (`LinearMemory.features`).
+    Returns ({quantity: [T]}, outputs o_t = scale S_t^T q_t [B, T, H, Dv]).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    time_major = lambda x: None if x is None else jnp.moveaxis(x.astype(jnp.float32), 1, 0)  # noqa: E731
+    q, k, v = time_major(q), time_major(k), time_major(v)
+    g = jnp.zeros(q.shape[:3]) if g is None or rule not in DECAY_RULES else time_major(g)
+    beta = jnp.ones(q.shape[:3]) if beta is None else time_major(beta)
+    all_keys, all_values = jnp.moveaxis(k, 0, 2), jnp.moveaxis(v, 0, 2)
+
+    def read(state, x):
+        return jnp.einsum("bhk,bhkv->bhv", x, state)
+
+    def body(state, token):
+        t, query, key, value, g_t, beta_t = token
+        before = _norm(read(state, key) - value)
+        retained = jnp.exp(g_t)[..., None, None] * state
+        if rule in DELTA_RULES:
+            written = beta_t[..., None] * (value - read(retained, key))
+        else:
+            written = value
+        state = retained + jnp.einsum("bhk,bhv->bhkv", key, written)
+        predictions = jnp.einsum("bhtk,bhkv->bhtv", all_keys, state)
+        diagnostics = {
+            "state_norm": jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1))),
+            "error_before": before,
+            "error_after": _norm(read(state, key) - value),
+            "recall_error": _recall_error(predictions, all_values, t),
+            "value_norm": _norm(value),
+        }
+        return state, (diagnostics, scale * read(state, query))
+
+    batch, heads = q.shape[1], q.shape[2]
+    state = jnp.zeros((batch, heads, k.shape[-1], v.shape[-1]), jnp.float32)
+    steps = jnp.arange(q.shape[0])
+    _, (per_token, outputs) = jax.lax.scan(body, state, (steps, q, k, v, g, beta))
+    return _summarise(per_token), jnp.moveaxis(outputs, 0, 1)
+
+
+def _memory_of(block):
+    """("neural", memory, norm) / ("linear", mixer, norm) / (None, reason, None)."""
+    if type(block).__name__ == "MACBlock":
+        return None, "MAC's memory runs per segment on attention outputs: not traced", None
+    memory = getattr(block, "memory", None)
+    if isinstance(memory, NeuralMemory) and hasattr(block, "memory_norm"):
+        problem = _neural_support(memory.spec)
+        return (None, problem, None) if problem else ("neural", memory, block.memory_norm)
+    mixer = getattr(block, "mixer", None)
+    if isinstance(mixer, LinearMemory):
+        return "linear", mixer, block.mixer_norm
+    return None, "no matrix or neural memory in this block", None
+
+
+@nnx.jit
+def _block_inputs(model, tokens):
+    """The residual stream entering each block: [num_layers] x [B, T, D]."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape).astype(jnp.int32)
+    x = model.embedding(tokens).astype(jnp.float32)
+    inputs = []
+    for block in model.blocks:
+        inputs.append(x)
+        x, _ = block(x, positions=positions)
+    return inputs
+
+
+@nnx.jit
+def _trace_neural(memory, norm, x):
+    inputs, _ = memory.features(norm(x))
+    state = memory.initial_state(x.shape[0])
+    return neural_memory_trace(memory.spec, inputs, state, memory.chunk_size)[0]
+
+
+@nnx.jit
+def _trace_linear(mixer, norm, x):
+    q, k, v, g, beta, _ = mixer.features(norm(x))
+    return linear_memory_trace(mixer.rule, q, k, v, g, beta)[0]
+
+
+def trace(model, tokens) -> dict[str, dict]:
+    """Per-layer memory diagnostics of `model` (a `models.lm.LanguageModel`) reading
+    `tokens` [B, T] int: see the module docstring for the quantities ([T] numpy arrays)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    block_inputs = _block_inputs(model, tokens)
+    result = {}
+    for index, (block, x) in enumerate(zip(model.blocks, block_inputs)):
+        name = f"layer_{index:02d}"
+        kind, memory, norm = _memory_of(block)
+        entry = {"kind": model.block_kinds[index]}
+        if kind == "neural":
+            entry.update(jax.device_get(_trace_neural(memory, norm, x)))
+        elif kind == "linear":
+            entry.update(jax.device_get(_trace_linear(memory, norm, x)))
+        else:
+            entry["skipped"] = memory
+        result[name] = entry
+    return result
+
+
+def scalars(traced: dict) -> dict[str, float]:
+    """TensorBoard scalars: per traced layer, the final state norm and recall error, and the
+    mean retrieval error before / after the write (over the sequence)."""
+    out = {}
+    for name, entry in traced.items():
+        if "skipped" in entry:
+            continue
+        prefix = f"memory/{name}"
+        out[f"{prefix}/state_norm"] = float(entry["state_norm"][-1])
+        out[f"{prefix}/recall_error"] = float(entry["recall_error"][-1])
+        out[f"{prefix}/error_before"] = float(np.mean(entry["error_before"]))
+        out[f"{prefix}/error_after"] = float(np.mean(entry["error_after"]))
+    return out
+
+
+def figure(traced: dict):
+    """A matplotlib Figure: state norm, retrieval error before/after the write, and recall
+    error over past tokens, against the token index, one line per traced layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed (TensorBoard, CI)
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for name, entry in traced.items():
+        if "skipped" in entry:
+            continue
+        label = f"{name} ({entry['kind']})"
+        axes[0].plot(entry["state_norm"], label=label)
+        (line,) = axes[1].plot(entry["error_before"], label=f"{label} before")
+        axes[1].plot(entry["error_after"], "--", color=line.get_color(), label=f"{label} after")
+        axes[2].plot(entry["recall_error"], label=label)
+    titles = ("state norm ||M_t||", "||M(k_t) - v_t|| before / after write", "mean recall error")
+    for axis, title in zip(axes, titles):
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("token t")
+        if axis.lines:
+            axis.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,130 @@
+"""The eval hooks of train.py and the eval command lines, on real workdirs (Orbax checkpoints
+written by train.py), in subprocesses."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from evals import common, language_modeling, recall
+from tests.training.test_train_cli import (
+    REPO,
+    TINY,
+    assert_one_line_error,
+    environment,
+    read_metrics,
+)
+
+
+def run(*command, devices=1, timeout=300):
+    return subprocess.run(
+        [sys.executable, *command],
+        cwd=REPO,
+        env=environment(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def mqar_workdir(tmp_path_factory):
+    """4 steps of a 1-layer Gated DeltaNet on MQAR, with both hooks at step 4."""
+    workdir = tmp_path_factory.mktemp("mqar")
+    result = run(
+        "train.py",
+        *TINY,
+        f"--workdir={workdir}",
+        "--config.model.block_pattern=('gdn',)",
+        "--config.model.num_layers=1",
+        "--config.train.num_steps=4",
+        "--config.log.every_steps=2",
+        "--config.eval.every_steps=0",
+        "--config.eval.recall_every_steps=4",
+        "--config.eval.recall_num_examples=8",
+        "--config.eval.memory_every_steps=4",
+        devices=2,  # the hooks read parameters laid out over a mesh
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "recall (mean accuracy): mqar" in result.stdout
+    return workdir
+
+
+def test_hooks_log_recall_and_memory_scalars_and_figure(mqar_workdir):
+    record = read_metrics(mqar_workdir)[4]
+    # TINY: seq_len 32, 4 pairs -> MQAR with 2, 4 and 8 pairs; NIAH at depths 0, 0.5, 1.
+    expected = [f"recall/mqar/T32_kv{n}" for n in (2, 4, 8)] + ["recall/mqar_mean"]
+    expected += [f"recall/niah/T32_depth{d}" for d in ("0.00", "0.50", "1.00")]
+    expected += ["recall/niah_mean"]
+    expected += [f"memory/layer_00/{q}" for q in ("state_norm", "recall_error")]
+    assert set(expected) <= set(record), sorted(record)
+    assert all(0.0 <= record[key] <= 1.0 for key in expected if key.startswith("recall/"))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(mqar_workdir))
+    events.Reload()
+    assert set(expected) <= set(events.Tags()["scalars"])
+    assert "memory/behaviour" in events.Tags()["images"]
+
+
+def test_recall_cli_writes_json_and_table(mqar_workdir):
+    result = run(
+        "-m", "evals.recall", f"--workdir={mqar_workdir}", "--seq_lens=32",
+        "--num_kv_pairs=4,8,16", "--context_lengths=32", "--depths=0,1", "--num_examples=8",
+        "--batch_size=8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mqar at step 4" in result.stdout and "exact_match" in result.stdout
+    mqar = json.loads((mqar_workdir / "evals" / "recall_mqar_step4.json").read_text())
+    assert mqar["step"] == 4 and mqar["task"] == "mqar"
+    assert [(c["seq_len"], c["num_kv_pairs"]) for c in mqar["cells"]] == [(32, 4), (32, 8)]
+    assert mqar["skipped"][0]["num_kv_pairs"] == 16  # 16 pairs and queries need 64 tokens
+    niah = json.loads((mqar_workdir / "evals" / "recall_niah_step4.json").read_text())
+    assert niah["format"] == "tokens" and [c["depth"] for c in niah["cells"]] == [0.0, 1.0]
+
+
+def test_language_modeling_cli_on_a_text_run(tmp_path):
+    workdir = tmp_path / "text"
+    trained = run(
+        "train.py", *TINY, f"--workdir={workdir}", "--config.data.name=text",
+        "--config.data.max_bytes=200000", "--config.train.num_steps=2",
+        "--config.model.num_layers=1",
+        "--config.eval.every_steps=0",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = run(
+        "-m", "evals.language_modeling", f"--workdir={workdir}", "--multiples=1,2",
+        "--num_windows=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((workdir / "evals" / "language_modeling_step2.json").read_text())
+    assert saved["unit"] == "bits_per_byte"
+    assert [len(row["bucket_loss"]) for row in saved["lengths"]] == [1, 2]
+    assert "bucket_loss" in result.stdout
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, mqar_workdir, capsys):
+    missing = tmp_path / "nowhere"
+    assert_one_line_error(run("-m", "evals.recall", f"--workdir={missing}"), 2, str(missing))
+    unknown = run("-m", "evals.recall", f"--workdir={mqar_workdir}", "--task=copying")
+    assert_one_line_error(unknown, 2, "--task", "copying")
+
+    no_checkpoint = tmp_path / "fresh"
+    no_checkpoint.mkdir()
+    shutil.copy(mqar_workdir / "config.json", no_checkpoint / "config.json")
+    assert common.run_cli(recall.main, [f"--workdir={no_checkpoint}"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {no_checkpoint}/checkpoints: no checkpoint to evaluate\n"
+    )
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    assert common.run_cli(recall.main, [f"--workdir={not_a_run}"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert common.run_cli(recall.main, [f"--workdir={mqar_workdir}", "--step=3"]) == 2
+    assert "no checkpoint of step 3" in capsys.readouterr().err
+    assert common.run_cli(language_modeling.main, [f"--workdir={mqar_workdir}"]) == 2
+    assert "text or tokens" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""Memory-behaviour traces: their memories are the layers' own (outputs and final states
+match the recurrences the layers run), and `trace` reads the right layers of a model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base
+from evals import memory_behaviour
+from models.registry import build_model
+from pallas_kernels import linear_memory, neural_memory
+from pallas_kernels.neural_memory import MemorySpec
+
+# Float32 scans of the same update in a different order (token scan vs chunked / reference
+# scan): agreement to ~1e-6 relative; 1e-5 leaves room for accumulation over 12 tokens.
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+BATCH, LENGTH, HEADS, DIM = 2, 12, 2, 8
+
+
+def unit(x):
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def random_inputs(seed=0):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    shape = (BATCH, LENGTH, HEADS, DIM)
+    return {
+        "q": unit(jax.random.normal(keys[0], shape)),
+        "k": unit(jax.random.normal(keys[1], shape)),
+        "v": jax.random.normal(keys[2], shape),
+        "g": -jax.nn.softplus(jax.random.normal(keys[3], shape[:3])),
+        "beta": jax.nn.sigmoid(jax.random.normal(keys[4], shape[:3])),
+        "lr": 0.1 * jax.nn.sigmoid(jax.random.normal(keys[5], shape[:3])),
+    }
+
+
+RECURRENCES = {
+    "linear_attention": lambda x, **kw: linear_memory.linear_attention(
+        x["q"], x["k"], x["v"], **kw
+    ),
+    "gla": lambda x, **kw: linear_memory.simple_gla(x["q"], x["k"], x["v"], x["g"], **kw),
+    "deltanet": lambda x, **kw: linear_memory.delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw),
+    "gated_deltanet": lambda x, **kw: linear_memory.gated_delta_rule(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RECURRENCES))
+def test_linear_trace_is_the_layer_recurrence(rule):
+    x = random_inputs()
+    traced, outputs = memory_behaviour.linear_memory_trace(
+        rule, x["q"], x["k"], x["v"], x["g"], x["beta"]
+    )
+    expected, final_state = RECURRENCES[rule](x, output_final_state=True, impl="reference")
+    np.testing.assert_allclose(outputs, expected, **TOLERANCE)
+    final_norm = jnp.mean(jnp.linalg.norm(final_state, axis=(-2, -1)))
+    np.testing.assert_allclose(traced["state_norm"][-1], final_norm, **TOLERANCE)
+    # The memory starts empty: retrieving the first pair before writing gives 0, error ||v||.
+    np.testing.assert_allclose(traced["error_before"][0], traced["value_norm"][0], **TOLERANCE)
+    # After one token the only past pair is the current one.
+    np.testing.assert_allclose(traced["recall_error"][0], traced["error_after"][0], **TOLERANCE)
+    assert all(traced[name].shape == (LENGTH,) for name in memory_behaviour.QUANTITIES)
+
+
+def test_delta_rule_write_reduces_the_error():
+    """With beta in (0, 1) and unit keys, the delta rule moves S^T k a beta fraction of the
+    way to v: ||S_t^T k_t - v_t|| = (1 - beta_t) ||S~^T k_t - v_t|| (no decay: S~ = S)."""
+    x = random_inputs(1)
+    traced, _ = memory_behaviour.linear_memory_trace(
+        "deltanet", x["q"], x["k"], x["v"], None, x["beta"]
+    )
+    # Holds per (b, h) token; the mean over (b, h) of the after-errors is bounded by it.
+    assert np.all(traced["error_after"] <= traced["error_before"] + 1e-6)
+
+
+SPECS = {
+    "titans_mlp_momentum": MemorySpec(architecture="mlp", depth=2, rule="momentum"),
+    "matrix_gd": MemorySpec(architecture="matrix", rule="gd"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_neural_trace_is_the_chunked_recurrence(name):
+    spec, chunk_size = SPECS[name], 4  # 12 tokens: 3 chunks
+    x = random_inputs(2)
+    eta = 0.9 * jax.nn.sigmoid(x["beta"]) if spec.rule == "momentum" else None
+    shapes = spec.weight_shapes(DIM, DIM)
+    keys = jax.random.split(jax.random.key(3), len(shapes))
+    initial = {
+        leaf: jax.random.normal(key, (HEADS,) + shape) * shape[0] ** -0.5
+        for key, (leaf, shape) in zip(keys, shapes.items())
+    }
+    state = neural_memory.init_state(spec, initial, BATCH)
+    inputs = {"q": x["q"], "k": x["k"], "v": x["v"], "lr": x["lr"], "eta": eta, "g": x["g"]}
+    traced, outputs = memory_behaviour.neural_memory_trace(spec, inputs, state, chunk_size)
+    expected, final_state = neural_memory.neural_memory(
+        x["q"], x["k"], x["v"], x["lr"], eta, x["g"], memory=spec, initial_state=state,
+        chunk_size=chunk_size, output_final_state=True, impl="chunked",
+    )  # fmt: skip
+    np.testing.assert_allclose(outputs, expected, **TOLERANCE)
+    squares = sum(jnp.sum(jnp.square(w), axis=(-2, -1)) for w in final_state.weights.values())
+    np.testing.assert_allclose(traced["state_norm"][-1], jnp.mean(jnp.sqrt(squares)), **TOLERANCE)
+    np.testing.assert_allclose(traced["recall_error"][0], traced["error_after"][0], **TOLERANCE)
+
+
+def tiny_model(pattern):
+    config = base.get_config()
+    config.model.vocab_size, config.model.d_model, config.model.num_heads = 32, 16, 2
+    config.model.num_layers, config.model.block_pattern = len(pattern), pattern
+    return build_model(config.model, rngs=nnx.Rngs(0))
+
+
+def test_trace_reads_each_memory_layer_of_a_model():
+    model = tiny_model(("gdn", "attention"))
+    tokens = np.random.default_rng(0).integers(0, 32, (2, 10))
+    traced = memory_behaviour.trace(model, tokens)
+    assert traced["layer_01"] == {"kind": "attention", "skipped": traced["layer_01"]["skipped"]}
+    gdn = traced["layer_00"]
+    assert gdn["kind"] == "gdn" and all(gdn[q].shape == (10,) for q in memory_behaviour.QUANTITIES)
+    # The model's own logged final-state norm is the trace's last state norm.
+    aux = nnx.jit(lambda model, tokens: model(tokens)[1])(model, jnp.asarray(tokens))
+    np.testing.assert_allclose(gdn["state_norm"][-1], aux["layer_00/state_norm"], **TOLERANCE)
+    np.testing.assert_allclose(gdn["error_before"][0], gdn["value_norm"][0], **TOLERANCE)
+
+    scalars = memory_behaviour.scalars(traced)
+    assert sorted(scalars) == [f"memory/layer_00/{q}" for q in sorted(scalars_names())]
+    figure = memory_behaviour.figure(traced)
+    assert len(figure.axes) == 3 and len(figure.axes[1].lines) == 2  # before and after
+
+
+def scalars_names():
+    return ("state_norm", "recall_error", "error_before", "error_after")
