@@ -18,8 +18,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.linear_memory import kernel_common, kernel_math
 
-# Default precision: Pallas Triton computes float32 dots in IEEE float32 unless TF32 is asked.
-_PRECISION = None
+# IEEE float32 dots: Pallas' Triton lowering (jax 0.10) turns precision None / DEFAULT / HIGH
+# into TF32 on float32 operands; HIGHEST keeps full float32 (bfloat16 operands are unaffected).
+_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def _per_program(shape):
