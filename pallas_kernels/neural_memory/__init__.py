@@ -1,10 +1,12 @@
 """Deep (Titans / Miras) memory recurrence: a small per-head network trained online on k -> v.
 
-`neural_memory` (api.py) is the public function; `choices.py` holds the four Miras choices,
-`reference.py` the token-by-token oracles, `chunked.py` the chunk-parallel form.
+`neural_memory` (api.py) is the public function; `choices.py` holds the four Miras choices
+(with `choices_architecture.py`, and `choices_miras.py` for Moneta / Yaad / Memora / ATLAS),
+`reference.py` the token-by-token oracles, `chunked.py` the chunk-parallel form
+(`chunked_gradients.py`, and `chunked_materialised.py` for the non-linear choices).
 """
 
-from pallas_kernels.neural_memory.api import init_state, neural_memory, state_norms, step
+from pallas_kernels.neural_memory.api import init_state, neural_memory, read, state_norms, step
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState
 
 __all__ = [
@@ -12,6 +14,7 @@ __all__ = [
     "NeuralMemoryState",
     "init_state",
     "neural_memory",
+    "read",
     "state_norms",
     "step",
 ]

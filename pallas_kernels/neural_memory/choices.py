@@ -10,13 +10,28 @@ Shapes: tokens are `[..., t, d]` (leading batch/head dims), weights `[..., d_in,
 (Flax `[in, out]` layout, so a layer computes `x @ W`), per-token scalars `[..., t]`.
 """
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.neural_memory import choices_miras as miras
+from pallas_kernels.neural_memory.choices_architecture import (  # noqa: F401 (re-exported)
+    ACTIVATIONS,
+    Activation,
+    MemoryArchitecture,
+    gelu,
+    gelu_derivative,
+    layer_norm,
+    layer_norm_vjp,
+    matrix_architecture,
+    mlp_architecture,
+    silu,
+    silu_derivative,
+)
 
 Weights = dict[str, jax.Array]
 
@@ -27,144 +42,19 @@ def at_least_float32(x):
 
 
 class NeuralMemoryState(NamedTuple):
-    """Memory weights (leaves `[B, H, d_in, d_out]`) and momentum S (same leaves, or None)."""
+    """Everything the recurrence carries from one token (or chunk) to the next.
+
+    weights: the stored memory, leaves `[B, H, d_in, d_out]`: the weights themselves for
+      gated_decay, the accumulator A for lq, log-probabilities for kl (the network runs on
+      `MemorySpec.effective_weights(weights)`). momentum: S (same leaves) or None for GD.
+    window: the Omega rule's last c-1 tokens (None when omega_window == 1): {"k" [B, H, c-1,
+      Dk], "v" [B, H, c-1, Dv], "gate" [B, H, c-1], and "huber_delta" [B, H, c-1] for the
+      huber bias}, oldest first; before the sequence starts they are zeros with gate 0.
+    """
 
     weights: Weights
     momentum: Weights | None
-
-
-# ----------------------------------------------------------------------------- activations
-
-
-@dataclass(frozen=True)
-class Activation:
-    """sigma between MLP layers, with its derivative written out for the chunked backprop."""
-
-    name: str
-    fn: Callable[[jax.Array], jax.Array]
-    derivative: Callable[[jax.Array], jax.Array]
-
-
-def gelu(x):
-    """Exact (erf) GELU: x Phi(x)."""
-    return x * 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
-
-
-def gelu_derivative(x):
-    """d/dx x Phi(x) = Phi(x) + x phi(x)."""
-    cdf = 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
-    pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-    return cdf + x * pdf
-
-
-def silu(x):
-    return x * jax.nn.sigmoid(x)
-
-
-def silu_derivative(x):
-    """d/dx x s(x) = s(x) (1 + x (1 - s(x)))."""
-    s = jax.nn.sigmoid(x)
-    return s * (1.0 + x * (1.0 - s))
-
-
-ACTIVATIONS = {
-    "gelu": Activation("gelu", gelu, gelu_derivative),
-    "silu": Activation("silu", silu, silu_derivative),
-}
-
-
-# ------------------------------------------------------------------ parameter-free layer norm
-
-
-def layer_norm(z, eps):
-    """LN without learnable scale/shift: (z - mean) / sqrt(var + eps) over the last axis."""
-    centred = z - jnp.mean(z, axis=-1, keepdims=True)
-    return centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-
-
-def layer_norm_vjp(z, cotangent, eps):
-    """Cotangent of z given that of LN(z): (c - mean(c) - n mean(c n)) / sqrt(var + eps)."""
-    centred = z - jnp.mean(z, axis=-1, keepdims=True)
-    inv_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-    normed = centred * inv_std
-    mean_c = jnp.mean(cotangent, axis=-1, keepdims=True)
-    mean_cn = jnp.mean(cotangent * normed, axis=-1, keepdims=True)
-    return inv_std * (cotangent - mean_c - normed * mean_cn)
-
-
-# ------------------------------------------------------------------- memory architecture
-
-
-@dataclass(frozen=True)
-class MemoryArchitecture:
-    """A chain of weight matrices: z_1 = x W_1, z_{l+1} = sigma(z_l) W_{l+1}, then a readout.
-
-    matrix: one layer, M(x) = x W (the linear-attention / DeltaNet state, Titans eq. 12 with
-    a linear memory). mlp: M(x) = x + LN(z_L) (Titans §3.1 "deep memory" with residual and
-    a parameter-free norm); depth L >= 1 layers, the hidden ones `expansion` times wider.
-    """
-
-    layer_names: tuple[str, ...]
-    activation: Activation | None  # None only for a single layer
-    residual_norm: bool
-    norm_eps: float = 1e-6
-
-    def run_layers(self, x, pre_activation):
-        """Forward with a caller-supplied `pre_activation(layer_index, layer_input) -> z`.
-
-        The chunked form passes a layer that reads a different weight per token; plain
-        `forward` passes `x @ W`. Returns (output, (layer_inputs, pre_activations)).
-        """
-        inputs, pre_activations = [], []
-        hidden = x
-        last = len(self.layer_names) - 1
-        for index in range(len(self.layer_names)):
-            inputs.append(hidden)
-            z = pre_activation(index, hidden)
-            pre_activations.append(z)
-            if index < last:
-                hidden = self.activation.fn(z)
-        z_last = pre_activations[-1]
-        output = x + layer_norm(z_last, self.norm_eps) if self.residual_norm else z_last
-        return output, (inputs, pre_activations)
-
-    def forward(self, weights, x, scale=1.0):
-        """M(x) with every weight multiplied by `scale` ([..., t, 1] per token, or a number).
-
-        Scaling all weights by gamma scales each pre-activation by gamma, which is how the
-        chunk-start memory decayed to token i (gamma_i M_{c0}) is evaluated without copies.
-        """
-        names = self.layer_names
-        return self.run_layers(x, lambda index, h: scale * (h @ weights[names[index]]))
-
-    def backward(self, weights, cache, output_grad, scale=1.0):
-        """Per-layer gradient factors of a loss with cotangent `output_grad` at the output.
-
-        Returns [(a_l, delta_l)] with dLoss/dW_l = a_l^T delta_l summed over tokens (one outer
-        product per token): a_l the layer's input, delta_l the cotangent of its
-        pre-activation. `scale` must be the one given to `forward` (the weights it used).
-        """
-        inputs, pre_activations = cache
-        delta = output_grad
-        if self.residual_norm:  # the residual x does not depend on the weights
-            delta = layer_norm_vjp(pre_activations[-1], delta, self.norm_eps)
-        factors = [None] * len(self.layer_names)
-        for index in reversed(range(len(self.layer_names))):
-            factors[index] = (inputs[index], delta)
-            if index > 0:
-                weight_t = jnp.swapaxes(weights[self.layer_names[index]], -1, -2)
-                hidden_grad = scale * (delta @ weight_t)
-                delta = hidden_grad * self.activation.derivative(pre_activations[index - 1])
-        return factors
-
-
-def matrix_architecture():
-    return MemoryArchitecture(layer_names=("W",), activation=None, residual_norm=False)
-
-
-def mlp_architecture(depth, activation, norm_eps):
-    names = tuple(f"W{index + 1}" for index in range(depth))
-    return MemoryArchitecture(names, ACTIVATIONS[activation], residual_norm=True, norm_eps=norm_eps)
+    window: dict | None = None
 
 
 # --------------------------------------------------------- attentional bias (inner loss)
@@ -172,34 +62,48 @@ def mlp_architecture(depth, activation, norm_eps):
 
 @dataclass(frozen=True)
 class AttentionalBias:
-    """Inner loss l(M; k, v) per token, and its gradient w.r.t. the memory output M(k)."""
+    """Inner loss l(M; k, v) per token, and its gradient w.r.t. the memory output M(k).
+
+    Both take (prediction [..., t, d], value [..., t, d], threshold [..., t] or None); the
+    threshold is Huber's delta_t and ignored by the others. `options(spec)` gives the
+    keyword arguments the spec fixes (lp's p and eps); `MemorySpec.attentional_bias` binds them.
+    """
 
     name: str
-    loss: Callable[[jax.Array, jax.Array], jax.Array]  # (prediction, value) -> [..., t]
-    output_grad: Callable[[jax.Array, jax.Array], jax.Array]  # -> like prediction
+    loss: Callable  # -> [..., t]
+    output_grad: Callable  # -> like prediction
+    needs_threshold: bool = False
+    options: Callable | None = None
 
 
-def l2_loss(prediction, value):
+def l2_loss(prediction, value, threshold=None):
     """1/2 ||M(k) - v||^2. The 1/2 (absent in Titans eq. 12) makes theta the delta rule's beta."""
     return 0.5 * jnp.sum(jnp.square(prediction - value), axis=-1)
 
 
-def l2_output_grad(prediction, value):
+def l2_output_grad(prediction, value, threshold=None):
     return prediction - value
 
 
-def dot_product_loss(prediction, value):
+def dot_product_loss(prediction, value, threshold=None):
     """-<M(k), v>: with a matrix memory and GD this is (gated) linear attention."""
     return -jnp.sum(prediction * value, axis=-1)
 
 
-def dot_product_output_grad(prediction, value):
+def dot_product_output_grad(prediction, value, threshold=None):
     return jnp.broadcast_to(-value, prediction.shape)
 
 
 ATTENTIONAL_BIASES = {
     "l2": AttentionalBias("l2", l2_loss, l2_output_grad),
     "dot_product": AttentionalBias("dot_product", dot_product_loss, dot_product_output_grad),
+    "lp": AttentionalBias(
+        "lp",
+        miras.lp_loss,
+        miras.lp_output_grad,
+        options=lambda spec: {"p": spec.lp_p, "eps": spec.lp_eps},
+    ),
+    "huber": AttentionalBias("huber", miras.huber_loss, miras.huber_output_grad, True),
 }
 
 
@@ -208,11 +112,27 @@ ATTENTIONAL_BIASES = {
 
 @dataclass(frozen=True)
 class Retention:
-    """How the previous memory is kept before the update (Titans eq. 13's (1 - alpha_t))."""
+    """How the previous memory is kept before the update (Titans eq. 13's (1 - alpha_t)).
+
+    Every retention here keeps exp(g_t) x stored (`retain`) and adds the rule's update; they
+    differ in what is stored and how the network reads it:
+      effective_weights(stored, spec): the weights M(.) runs on (identity for gated_decay);
+      after_update(stored): a projection after adding the update (kl's log_softmax);
+      gradient_at_retained: True: u_t at exp(g_t) M_{t-1} (gated_decay, as Gated DeltaNet);
+        False: at the previous weights W_{t-1} = effective(stored_{t-1}) (lq, kl: the
+        papers' eqs. 24 and 27). In a chunk the former becomes Gamma_t M_{c0} (decayed
+        chunk-start memory), the latter W_{c0}.
+      linear: the chunk is linear in the stored memory (only gated_decay); otherwise
+        `chunked_materialised` runs it.
+    """
 
     name: str
     retain: Callable  # (weights, log_decay [...]) -> weights, one token
     chunk_transfer: Callable  # log_decay [..., b] -> (Gamma [..., b], A [..., b, b])
+    effective_weights: Callable = miras.identity_weights
+    after_update: Callable = miras.no_after_update
+    gradient_at_retained: bool = True
+    linear: bool = True
 
 
 def gated_decay_retain(weights, log_decay):
@@ -239,6 +159,25 @@ def gated_decay_chunk_transfer(log_decay):
 
 RETENTIONS = {
     "gated_decay": Retention("gated_decay", gated_decay_retain, gated_decay_chunk_transfer),
+    # Moneta (Miras eq. 24): A_t = alpha_t A_{t-1} + U_t, W_t = A_t / ||A_t||_q^(q-2).
+    "lq": Retention(
+        "lq",
+        gated_decay_retain,
+        gated_decay_chunk_transfer,
+        miras.lq_effective_weights,
+        gradient_at_retained=False,
+        linear=False,
+    ),
+    # Memora (Miras eq. 27): P_t = log_softmax(alpha_t P_{t-1} + U_t), W_t = c exp(P_t).
+    "kl": Retention(
+        "kl",
+        gated_decay_retain,
+        gated_decay_chunk_transfer,
+        miras.kl_effective_weights,
+        miras.kl_after_update,
+        gradient_at_retained=False,
+        linear=False,
+    ),
 }
 
 
@@ -262,12 +201,17 @@ class ChunkCoefficients(NamedTuple):
 
 @dataclass(frozen=True)
 class LearningRule:
-    """The optimiser the memory runs on its inner loss (Titans eqs. 9-10, 13-14)."""
+    """The optimiser the memory runs on its inner loss (Titans eqs. 9-10, 13-14; ATLAS).
+
+    chunk_coefficients is None for a rule that is not linear in the gradients (muon); such
+    a rule runs in `chunked_materialised`. `options(spec)` as for `AttentionalBias`.
+    """
 
     name: str
     uses_momentum: bool
     token_update: Callable  # (momentum, grads, lr [...], eta [...]) -> (momentum, update)
-    chunk_coefficients: Callable  # (transfer [..., b, b], eta [..., b]) -> ChunkCoefficients
+    chunk_coefficients: Callable | None  # (transfer [..., b, b], eta [..., b]) -> Coefficients
+    options: Callable | None = None
 
 
 def _per_token(scalar):
@@ -311,7 +255,23 @@ def momentum_chunk(transfer, eta):
 LEARNING_RULES = {
     "gd": LearningRule("gd", False, gradient_descent_update, gradient_descent_chunk),
     "momentum": LearningRule("momentum", True, momentum_update, momentum_chunk),
+    "muon": LearningRule(
+        "muon",
+        True,
+        miras.muon_update,
+        None,
+        options=lambda spec: {"steps": spec.ns_steps, "coefficients": spec.ns_coefficients},
+    ),
 }
+
+
+def _bind(entry, spec, *function_fields):
+    """The table entry with the spec's options (lp's p, muon's NS steps) bound in."""
+    if entry.options is None:
+        return entry
+    options = entry.options(spec)
+    bound = {field: partial(getattr(entry, field), **options) for field in function_fields}
+    return replace(entry, **bound)
 
 
 # ------------------------------------------------------------------------------ the spec
@@ -323,8 +283,16 @@ class MemorySpec:
 
     architecture: "matrix" (W: [Dk, Dv]) or "mlp" (needs Dk == Dv = D; `depth` layers, hidden
     width `expansion * D`, activation "gelu" (exact erf) or "silu", output x + LN(z_L) with a
-    parameter-free LN, eps `norm_eps`). bias: "l2" or "dot_product". retention:
-    "gated_decay". rule: "gd" or "momentum".
+    parameter-free LN, eps `norm_eps`).
+    bias: "l2", "dot_product", "lp" (Moneta; `lp_p`, smoothing `lp_eps`) or "huber" (Yaad;
+      needs the per-token `huber_delta` input). See `choices_miras`.
+    retention: "gated_decay", "lq" (Moneta; `lq_q`, `lq_eps` keeps the norm finite at 0) or
+      "kl" (Memora; weights `kl_scale` x softmax).
+    rule: "gd", "momentum" or "muon" (ATLAS; `ns_steps` Newton-Schulz steps with
+      `ns_coefficients` (a, b, c)).
+    omega_window: ATLAS eq. 9's c: the update at t uses the gradient of
+      sum_{i=t-c+1..t} gamma_i l(M; k_i, v_i) (gamma = the `omega_gate` input, default 1);
+      c = 1 is the online rule.
     """
 
     architecture: str = "mlp"
@@ -335,6 +303,14 @@ class MemorySpec:
     retention: str = "gated_decay"
     rule: str = "momentum"
     norm_eps: float = 1e-6
+    lp_p: float = 3.0
+    lp_eps: float = 1e-6
+    lq_q: float = 4.0
+    lq_eps: float = 1e-12
+    kl_scale: float = 1.0
+    ns_steps: int = 5
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    omega_window: int = 1
 
     def __post_init__(self):
         for field, table in (
@@ -350,6 +326,19 @@ class MemorySpec:
                 )
         if self.depth < 1 or self.expansion < 1:
             raise ValueError(f"MemorySpec depth={self.depth}, expansion={self.expansion}: >= 1")
+        for field, valid, wanted in (
+            ("lp_p", self.lp_p >= 1.0, ">= 1"),
+            ("lp_eps", self.lp_eps > 0.0, "> 0"),
+            ("lq_q", self.lq_q > 1.0, "> 1"),
+            ("lq_eps", self.lq_eps >= 0.0, ">= 0"),
+            ("kl_scale", self.kl_scale > 0.0, "> 0"),
+            ("ns_steps", isinstance(self.ns_steps, int) and self.ns_steps >= 0, "an int >= 0"),
+            ("ns_coefficients", len(tuple(self.ns_coefficients)) == 3, "3 numbers (a, b, c)"),
+            ("omega_window", isinstance(self.omega_window, int) and self.omega_window >= 1,
+             "an int >= 1"),
+        ):  # fmt: skip
+            if not valid:
+                raise ValueError(f"MemorySpec.{field}={getattr(self, field)!r}; expected {wanted}")
 
     @property
     def memory_architecture(self) -> MemoryArchitecture:
@@ -359,7 +348,7 @@ class MemorySpec:
 
     @property
     def attentional_bias(self) -> AttentionalBias:
-        return ATTENTIONAL_BIASES[self.bias]
+        return _bind(ATTENTIONAL_BIASES[self.bias], self, "loss", "output_grad")
 
     @property
     def retention_rule(self) -> Retention:
@@ -367,7 +356,17 @@ class MemorySpec:
 
     @property
     def learning_rule(self) -> LearningRule:
-        return LEARNING_RULES[self.rule]
+        return _bind(LEARNING_RULES[self.rule], self, "token_update")
+
+    @property
+    def linear_in_chunk(self) -> bool:
+        """True when `chunked.chunk_step`'s attention-like linear form applies (Titans eqs.
+        16-18): gated_decay retention and a rule with chunk coefficients (gd, momentum)."""
+        return self.retention_rule.linear and self.learning_rule.chunk_coefficients is not None
+
+    def effective_weights(self, stored):
+        """The weights the memory network runs on, from the stored state (see `Retention`)."""
+        return self.retention_rule.effective_weights(stored, self)
 
     def weight_shapes(self, key_dim, value_dim) -> dict[str, tuple[int, int]]:
         """Per-head weight shapes `[d_in, d_out]`, keyed like the state's weight dict."""

@@ -1,32 +1,47 @@
 """Chunk-parallel deep-memory recurrence in plain JAX (Titans §3.2, eqs. 16-18).
 
-Within a chunk of b tokens starting after token c0, every gradient is taken at the decayed
-chunk-start memory gamma_i M_{c0} (the rule `reference.chunk_start_scan` runs token by
-token). That makes the chunk linear in its inputs:
+Within a chunk of b tokens starting after token c0, every gradient is taken at the
+chunk-start point (gamma_i M_{c0} for gated decay; W_{c0} for lq / kl), the rule
+`reference.chunk_start_scan` runs token by token. All the chunk's gradients come at once
+(`chunked_gradients`, with the Omega window of ATLAS eq. 9). Then:
 
-  1. Forward the chunk-start memory on all b keys at once (each weight scaled by gamma_i),
-     and backprop by hand (`MemoryArchitecture.backward`): layer l's gradient at token i is
-     the outer product a_{l,i}^T delta_{l,i}.
-  2. Retention and learning rule give, per (batch, head), the coefficients of
-     M_t = Gamma_t M_{c0} + sum_{i<=t} C[t, i] (-theta_i u_i) + D_t S_{c0}   (`ChunkCoefficients`).
-  3. Read every token with its own M_t without materialising b weight copies: layer by layer,
-     x W_{l,t} = Gamma_t x W_{l,c0} + sum_i C[t,i] (-theta_i) (x . a_{l,i}) delta_{l,i}
-     + D_t x S_{l,c0} -- an attention-like masked matmul.
-  4. The chunk-end state from the same coefficients at the chunk's last token.
+Linear choices (gated_decay retention, gd / momentum rule; `MemorySpec.linear_in_chunk`):
+the chunk is linear in its inputs, so
+  1. retention and learning rule give, per (batch, head), the coefficients of
+     M_t = Gamma_t M_{c0} + sum_{i<=t} C[t, i] (-theta_i u_i) + D_t S_{c0} (`ChunkCoefficients`);
+  2. every token is read with its own M_t without materialising b weight copies: layer by
+     layer, x W_{l,t} = Gamma_t x W_{l,c0} + sum_e C[t,s(e)] (-theta_s(e)) (x . a_{l,e})
+     delta_{l,e} + D_t x S_{l,c0} -- an attention-like masked matmul over the b*c entries;
+  3. the chunk-end state from the same coefficients at the chunk's last token.
+Other choices (lq, kl, muon): `chunked_materialised`, a cheap per-token pass over
+materialised per-token gradients.
 
 `lax.scan` runs over the chunks. T not a multiple of b is padded at the end (zero q/k/v/
-theta and g, eta = 1: finite, so nothing NaN leaks), and the last chunk's state is read at
-its last real token instead of its end. Padded tokens cannot simply be made neutral: with
-momentum no token leaves the state unchanged (M_t = M~_t + S_t moves M whenever S != 0, and
-eta = 0 would wipe S). Rows up to the last real token never see the padding, as every
-coefficient matrix is lower triangular. Everything is float32 inside (float64 if given
-float64 under jax x64, which the tests use to check the algebra).
+theta/g/omega_gate, eta = 1, huber_delta = 1: finite, so nothing NaN leaks), and the last
+chunk's state is read at its last real token instead of its end. Padded tokens cannot simply
+be made neutral: with momentum no token leaves the state unchanged (M_t = M~_t + S_t moves M
+whenever S != 0, and eta = 0 would wipe S). Rows up to the last real token never see the
+padding, as every coefficient matrix is lower triangular. Everything is float32 inside
+(float64 if given float64 under jax x64, which the tests use to check the algebra).
 """
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.neural_memory import chunked_materialised
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
+from pallas_kernels.neural_memory.chunked_gradients import (
+    gradient_factors,
+    per_entry,
+    window_entries,
+)
+
+# Padding of a partial chunk, per key of the chunk dict (the layer's feature names).
+PAD_VALUES = {
+    "q": 0.0, "k": 0.0, "v": 0.0, "lr": 0.0, "eta": 1.0, "g": 0.0,
+    "huber_delta": 1.0, "omega_gate": 0.0,
+}  # fmt: skip
+_INPUT_NAMES = ("q", "k", "v", "lr", "eta", "g", "huber_delta", "omega_gate")
 
 
 def _outer_sum(coefficients, inputs, deltas):
@@ -34,31 +49,42 @@ def _outer_sum(coefficients, inputs, deltas):
     return jnp.einsum("...i,...im,...in->...mn", coefficients, inputs, deltas)
 
 
-def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk):
-    """One chunk: state leaves [B, H, m, n]; chunk = (q, k, v [B, H, b, D], lr, eta, g
-    [B, H, b] (eta None for GD), last: index of the chunk's last real token)
-    -> (state after token `last`, o [B, H, b, Dv])."""
-    query, key, value, lr, eta, log_decay, last = chunk
+def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk: dict, last):
+    """One chunk -> (state after token `last`, o [B, H, b, Dv]).
+
+    state leaves [B, H, m, n]; chunk: "q", "k", "v" [B, H, b, D]; "lr", "eta" (None or
+    absent for gd), "g" and optionally "huber_delta", "omega_gate" [B, H, b]; `last`: index
+    of the chunk's last real token (an int or int32 scalar). Padding: `PAD_VALUES`.
+    """
+    if spec.linear_in_chunk:
+        return _linear_chunk_step(spec, state, chunk, last)
+    return chunked_materialised.chunk_step(spec, state, chunk, last)
+
+
+def _linear_chunk_step(spec, state, chunk, last):
+    """Steps 1-3 of the module doc (gated_decay with gd or momentum)."""
+    query, lr, eta, log_decay = chunk["q"], chunk["lr"], chunk.get("eta"), chunk["g"]
     architecture = spec.memory_architecture
     names = architecture.layer_names
-    weights, momentum = state
+    weights, momentum = state.weights, state.momentum
     uses_momentum = spec.learning_rule.uses_momentum
 
     start_decay, transfer = spec.retention_rule.chunk_transfer(log_decay)
     coefficients = spec.learning_rule.chunk_coefficients(transfer, eta)
     gamma = start_decay[..., None]  # [B, H, b, 1]: Gamma_t, also gamma_i for the gradients
 
-    prediction, cache = architecture.forward(weights, key, scale=gamma)
-    output_grad = spec.attentional_bias.output_grad(prediction, value)
-    factors = architecture.backward(weights, cache, output_grad, scale=gamma)
+    entries = window_entries(spec, state.window, chunk, last)
+    factors = gradient_factors(
+        spec, weights, entries, scale=per_entry(spec, start_decay)[..., None]
+    )
 
-    # Coefficient of the outer product a_i^T delta_i in W_t: C[t, i] * (-theta_i).
-    update_weight = coefficients.update * (-lr)[..., None, :]
+    # Coefficient of the outer product a_e^T delta_e in W_t: C[t, s(e)] * (-theta_s(e)).
+    update_weight = per_entry(spec, coefficients.update * (-lr)[..., None, :])
 
     def read_layer(index, layer_input):
         name = names[index]
         inputs, deltas = factors[index]
-        scores = (layer_input @ jnp.swapaxes(inputs, -1, -2)) * update_weight  # [B, H, b, b]
+        scores = (layer_input @ jnp.swapaxes(inputs, -1, -2)) * update_weight  # [B, H, b, bc]
         z = gamma * (layer_input @ weights[name]) + scores @ deltas
         if uses_momentum:
             z = z + coefficients.carried[..., None] * (layer_input @ momentum[name])
@@ -80,9 +106,9 @@ def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk):
             new = new + as_factor(at_last(coefficients.carried)) * momentum[name]
             carried = as_factor(at_last(coefficients.momentum_carried)) * momentum[name]
             momentum_row = at_last(coefficients.momentum_update, axis=-2) * -lr
-            new_momentum[name] = carried + _outer_sum(momentum_row, inputs, deltas)
+            new_momentum[name] = carried + _outer_sum(per_entry(spec, momentum_row), inputs, deltas)
         new_weights[name] = new
-    return NeuralMemoryState(new_weights, new_momentum), output
+    return NeuralMemoryState(new_weights, new_momentum, entries.carried), output
 
 
 def _heads_major(x):
@@ -102,7 +128,8 @@ def _split_chunks(x, num_chunks, chunk_size, pad_value):
     return jnp.moveaxis(x, 2, 0)
 
 
-def chunked_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chunk_size):
+def chunked_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chunk_size,
+                 huber_delta=None, omega_gate=None):  # fmt: skip
     """Chunk-parallel form: inputs as `reference.exact_scan` -> (o in v's dtype, final state).
 
     Equals `reference.chunk_start_scan(..., chunk_size)`; with chunk_size 1 the exact rule.
@@ -110,12 +137,15 @@ def chunked_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chunk_si
     seq_len = q.shape[1]
     num_chunks = -(-seq_len // chunk_size)
     state = jax.tree.map(at_least_float32, initial_state)
-    tokens = tuple(map(_heads_major, (q, k, v, lr, momentum, log_decay)))
-    pad_values = (0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    chunks = tuple(_split_chunks(x, num_chunks, chunk_size, p) for x, p in zip(tokens, pad_values))
+    inputs = (q, k, v, lr, momentum, log_decay, huber_delta, omega_gate)
+    chunks = {
+        name: _split_chunks(_heads_major(x), num_chunks, chunk_size, PAD_VALUES[name])
+        for name, x in zip(_INPUT_NAMES, inputs)
+        if x is not None
+    }
     last = jnp.full((num_chunks,), chunk_size - 1).at[-1].set((seq_len - 1) % chunk_size)
     state, outputs = jax.lax.scan(
-        lambda carry, chunk: chunk_step(spec, carry, chunk), state, chunks + (last,)
+        lambda carry, xs: chunk_step(spec, carry, xs[0], xs[1]), state, (chunks, last)
     )
     batch, heads = outputs.shape[1:3]
     outputs = jnp.moveaxis(outputs, 0, 2).reshape(batch, heads, num_chunks * chunk_size, -1)

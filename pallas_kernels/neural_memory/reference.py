@@ -1,24 +1,33 @@
 """Token-by-token references for the deep-memory recurrence (`lax.scan`, float32 or wider).
 
-The exact rule, one token at a time (Titans eqs. 9-14 in the Miras four-choice form):
+The exact rule, one token at a time (Titans eqs. 9-14 in the Miras four-choice form, with
+the Omega rule of ATLAS eq. 9):
 
     M~_t = exp(g_t) M_{t-1}                  retention first (as Gated DeltaNet / Miras)
-    u_t  = grad_M l(M~_t; k_t, v_t)          gradient at the *retained* memory
-    S_t  = eta_t S_{t-1} - theta_t u_t       (plain GD: S_t = -theta_t u_t)
-    M_t  = M~_t + S_t
-    o_t  = M_t(q_t)                          read after the update
+    P_t  = M~_t (gated_decay) or W_{t-1} = effective(M_{t-1}) (lq, kl: Miras eqs. 24, 27)
+    u_t  = grad_M sum_{i=t-c+1..t} gamma_i l(P_t; k_i, v_i)     (c = 1, gamma = 1: l_t)
+    S_t, U_t = rule(S_{t-1}, u_t)            gd: U = -theta u; momentum: S = eta S - theta u,
+                                             U = S; muon: S = eta S - u, U = theta NS(S)
+    M_t  = after_update(M~_t + U_t)          (kl: log_softmax; otherwise the identity)
+    o_t  = effective(M_t)(q_t)               read after the update
 
-Titans eq. 13-14 take the gradient at M_{t-1}; taking it at M~_t instead is what makes the
+M_t is what the state stores (weights; lq's accumulator; kl's log-probabilities). Titans
+eqs. 13-14 take the gradient at M_{t-1}; taking it at M~_t instead is what makes the
 matrix / l2 / GD case exactly the gated delta rule S_t = a_t S_{t-1} + b_t k_t (v_t -
-a_t S_{t-1}^T k_t)^T. Gradients here come from `jax.grad` of the inner loss, independently
-of the hand-written backprop the chunked form uses.
+a_t S_{t-1}^T k_t)^T. The Omega window's tokens before the sequence start are absent
+(zeros with gamma 0, see `NeuralMemoryState.window`). Gradients here come from `jax.grad`
+of the inner loss, independently of the hand-written backprop the chunked form uses.
 
 `chunk_start_scan` is the oracle for the chunk-parallel form (Titans §3.2, eqs. 16-18): in a
-chunk starting after token c0, every gradient is taken at the decayed chunk-start memory
-gamma_i M_{c0}, gamma_i = exp(sum_{m=c0+1..i} g_m). With chunk_size 1 it is the exact rule.
+chunk starting after token c0, every gradient of token t -- all c terms of its Omega window,
+including those of tokens before the chunk -- is taken at one point fixed by the chunk
+start: gated_decay: gamma_t M_{c0}, gamma_t = exp(sum_{m=c0+1..t} g_m) (the chunk-start
+memory decayed to token t); lq, kl: W_{c0} = effective(M_{c0}). Everything else (rule,
+retention, read) is exact. With chunk_size 1 it is the exact rule.
 
 Inputs: q, k [B, T, H, Dk]; v [B, T, H, Dv]; lr (theta), momentum (eta, or None for GD),
-log_decay (g <= 0) [B, T, H]; state leaves [B, H, d_in, d_out].
+log_decay (g <= 0), huber_delta (delta_t > 0, bias "huber" only), omega_gate (gamma in
+[0, 1], or None for ones) [B, T, H]; state leaves [B, H, d_in, d_out].
 """
 
 import jax
@@ -27,77 +36,122 @@ import jax.numpy as jnp
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
 
 
-def memory_gradient(spec: MemorySpec, weights, key, value):
-    """grad_M l(M; k, v) for one token per (batch, head): key [B, H, Dk], leaves [B, H, ...]."""
+def window_gradient(spec: MemorySpec, weights, keys, values, thresholds=None, gates=None):
+    """grad_M sum_n gates_n l(M; keys_n, values_n): keys [B, H, n, Dk], values [B, H, n, Dv],
+    thresholds / gates [B, H, n] or None; leaves [B, H, ...]."""
     architecture, bias = spec.memory_architecture, spec.attentional_bias
 
     def total_loss(w):
-        # Each (b, h) weight only touches its own token, so the sum separates.
-        prediction, _ = architecture.forward(w, key[..., None, :])
-        return jnp.sum(bias.loss(prediction, value[..., None, :]))
+        # Each (b, h) weight only touches its own tokens, so the sum separates.
+        prediction, _ = architecture.forward(w, keys)
+        losses = bias.loss(prediction, values, thresholds)
+        return jnp.sum(losses if gates is None else gates * losses)
 
     return jax.grad(total_loss)(weights)
 
 
+def memory_gradient(spec: MemorySpec, weights, key, value, threshold=None):
+    """grad_M l(M; k, v) for one token per (batch, head): key [B, H, Dk], leaves [B, H, ...]."""
+    threshold = None if threshold is None else threshold[..., None]
+    return window_gradient(spec, weights, key[..., None, :], value[..., None, :], threshold)
+
+
 def read(spec: MemorySpec, weights, query):
-    """o = M(q) for one token: query [B, H, Dk] -> [B, H, Dv]."""
+    """o = M(q) for one token: query [B, H, Dk] -> [B, H, Dv] (`weights` as the network
+    uses them, i.e. already `spec.effective_weights` of the state)."""
     output, _ = spec.memory_architecture.forward(weights, query[..., None, :])
     return output[..., 0, :]
 
 
-def _update(spec, state, retained, gradient, lr, momentum):
-    """S_t and M_t = M~_t + S_t from the retained memory and the gradient u_t."""
+def omega_window_tokens(spec, window, key, value, threshold, gate):
+    """Token t's Omega window, oldest first: (keys [B, H, c, Dk], values, thresholds, gates)
+    (thresholds / gates None when absent), and the window to carry to token t + 1."""
+    add_axis = lambda x: None if x is None else x[..., None]  # noqa: E731
+    if spec.omega_window == 1:
+        return (key[..., None, :], value[..., None, :], add_axis(threshold), add_axis(gate)), None
+    token = {"k": key[..., None, :], "v": value[..., None, :]}
+    token["gate"] = add_axis(jnp.ones_like(key[..., 0]) if gate is None else gate)
+    if threshold is not None:
+        token["huber_delta"] = add_axis(threshold)
+    axis = {"k": -2, "v": -2, "gate": -1, "huber_delta": -1}
+    full = {name: jnp.concatenate([window[name], token[name]], axis[name]) for name in window}
+    carried = {name: jax.lax.slice_in_dim(x, 1, None, axis=axis[name] % x.ndim)
+               for name, x in full.items()}  # fmt: skip
+    return (full["k"], full["v"], full.get("huber_delta"), full["gate"]), carried
+
+
+def _update(spec, state, retained, gradient, lr, momentum, window):
+    """S_t and the stored M_t = after_update(M~_t + U_t) from the gradient u_t."""
     new_momentum, update = spec.learning_rule.token_update(state.momentum, gradient, lr, momentum)
-    weights = jax.tree.map(jnp.add, retained, update)
-    return NeuralMemoryState(weights, new_momentum)
+    weights = spec.retention_rule.after_update(jax.tree.map(jnp.add, retained, update))
+    return NeuralMemoryState(weights, new_momentum, window)
 
 
-def step(spec: MemorySpec, state, query, key, value, lr, momentum, log_decay):
-    """One token of the exact rule: per-token inputs [B, H, D] / [B, H] -> (o_t, state)."""
+def _token(spec, state, point, token):
+    """One token given the point P_t where its gradients are taken -> (o_t, state)."""
+    query, key, value, lr, momentum, log_decay, threshold, gate = token
     retained = spec.retention_rule.retain(state.weights, log_decay)
-    gradient = memory_gradient(spec, retained, key, value)
-    state = _update(spec, state, retained, gradient, lr, momentum)
-    return read(spec, state.weights, query), state
+    if point is None:  # the exact rule
+        point = retained
+        if not spec.retention_rule.gradient_at_retained:
+            point = spec.effective_weights(state.weights)
+    window_inputs, window = omega_window_tokens(spec, state.window, key, value, threshold, gate)
+    gradient = window_gradient(spec, point, *window_inputs)
+    state = _update(spec, state, retained, gradient, lr, momentum, window)
+    return read(spec, spec.effective_weights(state.weights), query), state
+
+
+def step(spec, state, query, key, value, lr, momentum, log_decay, huber_delta=None,
+         omega_gate=None):  # fmt: skip
+    """One token of the exact rule: per-token inputs [B, H, D] / [B, H] -> (o_t, state)."""
+    token = (query, key, value, lr, momentum, log_decay, huber_delta, omega_gate)
+    return _token(spec, state, None, token)
 
 
 def _time_major(x):
     return None if x is None else jnp.moveaxis(at_least_float32(x), 1, 0)
 
 
-def exact_scan(spec, q, k, v, lr, momentum, log_decay, initial_state):
+def exact_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, huber_delta=None,
+               omega_gate=None):  # fmt: skip
     """The exact token rule over a sequence -> (o [B, T, H, Dv] in v's dtype, final state)."""
 
     def body(state, token):
-        query, key, value, lr_t, momentum_t, log_decay_t = token
-        output, state = step(spec, state, query, key, value, lr_t, momentum_t, log_decay_t)
+        output, state = _token(spec, state, None, token)
         return state, output
 
-    tokens = tuple(map(_time_major, (q, k, v, lr, momentum, log_decay)))
+    inputs = (q, k, v, lr, momentum, log_decay, huber_delta, omega_gate)
+    tokens = tuple(map(_time_major, inputs))
     final_state, outputs = jax.lax.scan(body, jax.tree.map(at_least_float32, initial_state), tokens)
     return jnp.moveaxis(outputs, 0, 1).astype(v.dtype), final_state
 
 
-def chunk_start_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chunk_size):
-    """Token by token, but gradients at gamma_i M_{c0} (Titans eqs. 16-18) -> (o, final)."""
+def chunk_start_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chunk_size,
+                     huber_delta=None, omega_gate=None):  # fmt: skip
+    """Token by token, but every gradient at the chunk-start point (see the module doc:
+    gamma_t M_{c0} for gated_decay, W_{c0} for lq / kl) -> (o, final state)."""
     seq_len = q.shape[1]
     starts_chunk = jnp.arange(seq_len) % chunk_size == 0
+    retention = spec.retention_rule
 
     def body(carry, token):
         state, chunk_start_weights, gamma = carry
-        starts, query, key, value, lr_t, momentum_t, log_decay_t = token
+        starts, token = token[0], token[1:]
+        log_decay_t = token[5]
         chunk_start_weights = jax.tree.map(
             lambda start, now: jnp.where(starts, now, start), chunk_start_weights, state.weights
         )
-        # gamma_i M_{c0}: the gated decay (the only retention so far) scales every weight.
         gamma = jnp.where(starts, 1.0, gamma) * jnp.exp(log_decay_t)
-        decayed_start = jax.tree.map(lambda w: gamma[..., None, None] * w, chunk_start_weights)
-        gradient = memory_gradient(spec, decayed_start, key, value)
-        retained = spec.retention_rule.retain(state.weights, log_decay_t)
-        state = _update(spec, state, retained, gradient, lr_t, momentum_t)
-        return (state, chunk_start_weights, gamma), read(spec, state.weights, query)
+        if retention.gradient_at_retained:  # gamma_t M_{c0}
+            point = jax.tree.map(lambda w: gamma[..., None, None] * w, chunk_start_weights)
+        else:  # W_{c0}
+            point = spec.effective_weights(chunk_start_weights)
+        output, state = _token(spec, state, point, token)
+        return (state, chunk_start_weights, gamma), output
 
     state = jax.tree.map(at_least_float32, initial_state)
     gamma = jnp.ones_like(at_least_float32(lr[:, 0]))
-    tokens = (starts_chunk,) + tuple(map(_time_major, (q, k, v, lr, momentum, log_decay)))
+    inputs = (q, k, v, lr, momentum, log_decay, huber_delta, omega_gate)
+    tokens = (starts_chunk,) + tuple(map(_time_major, inputs))
     (final_state, _, _), outputs = jax.lax.scan(body, (state, state.weights, gamma), tokens)
     return jnp.moveaxis(outputs, 0, 1).astype(v.dtype), final_state

@@ -359,7 +359,7 @@ def test_api_rejects_bad_input():
         with pytest.raises(NotImplementedError):
             call(impl=impl)
     with pytest.raises(ValueError):
-        MemorySpec(bias="huber")
+        MemorySpec(bias="cauchy")  # an unknown bias (huber is a choice since issue 5)
 
 
 # ----------------------------------------------------------------------- numerical health

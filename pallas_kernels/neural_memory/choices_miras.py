@@ -1,0 +1,169 @@
+"""The Miras / ATLAS choices beyond Titans, as plain functions registered in `choices.py`.
+
+Miras = "It's All Connected" (Behrouz et al. 2025, arXiv 2504.13173); ATLAS = "Learning to
+Optimally Memorize the Context at Test Time" (Behrouz et al. 2025, arXiv 2505.23735).
+
+Attentional biases (per token, e = M(k) - v):
+  lp     Moneta, Miras eqs. 10-11: (1/p) ||e||_p^p with |x| smoothed to sqrt(x^2 + eps)
+         (Miras Remark on smooth approximations, eps = 1e-6). Departures: (i) the 1/p (the
+         paper has no 1/p and a factor p in the gradient; like the 1/2 of our l2 it is
+         absorbed into theta, and makes lp with p = 2 *equal* l2); (ii) we smooth the loss
+         itself, (1/p) sum((e^2 + eps)^(p/2) - eps^(p/2)), and differentiate it, so the
+         paper's Sign(x) ~ tanh(a x) becomes x / sqrt(x^2 + eps) (the derivative of the
+         smoothed |x|). The gradient is e (e^2 + eps)^((p-2)/2): exactly e for p = 2.
+  huber  Yaad, Miras eq. 26 (Yaad's update: the switch is on the l2 *norm* of the error, not
+         per coordinate as the plain Huber of eq. 14; threshold delta_t > 0 per token):
+         1/2 ||e||^2 if ||e||_2 <= delta_t, else delta_t ||e||_1 (gradient delta_t Sign(e),
+         exact Sign as in the paper). Any delta_t >= ||e|| gives l2 exactly.
+
+Retentions (the memory is stored as `stored`; the network runs on `effective(stored)`):
+  lq     Moneta, Miras eq. 24: the state is an accumulator A_t = alpha_t A_{t-1} + U_t and
+         the weights are W_t = A_t / ||A_t||_q^(q-2), per weight matrix and head (q = 4).
+         Note ||W||_q = ||A||_q^(3-q): for q > 3 forgetting (A shrinking) grows W.
+  kl     Memora, Miras eq. 27: W_t = c Softmax(alpha_t log W_{t-1} - eta_t grad). The state
+         holds log-probabilities P_t = log_softmax(alpha_t P_{t-1} + U_t); W = c exp(P).
+         The softmax runs over the input axis d_in of each [d_in, d_out] matrix (each output
+         unit reads a c-scaled convex combination of its inputs); the paper says "per
+         slice" without fixing the axis. c = MemorySpec.kl_scale.
+
+Rule muon (ATLAS's "Atlas" update, the Omega rule optimised with Muon): the momentum is
+S_t = eta_t S_{t-1} - u_t and the memory adds theta_t NS_k(S_t), Newton-Schulz with the
+quintic coefficients (a, b, c) run k times on the Frobenius-normalised momentum (as Muon).
+theta sits outside NS, as in ATLAS (M_t = alpha_t M_{t-1} - eta_t NS_k(S_t)), since NS
+normalises the scale of S away; so S holds raw gradients here, unlike the "momentum" rule's
+S (which includes theta).
+"""
+
+import jax
+import jax.numpy as jnp
+
+# ------------------------------------------------------------------------ attentional biases
+
+
+def lp_loss(prediction, value, threshold=None, *, p, eps):
+    """(1/p) sum_j [(e_j^2 + eps)^(p/2) - eps^(p/2)]: smooth (1/p) ||e||_p^p, 0 at e = 0."""
+    del threshold
+    squared = jnp.square(prediction - value) + eps
+    return jnp.sum(jnp.power(squared, p / 2.0) - eps ** (p / 2.0), axis=-1) / p
+
+
+def lp_output_grad(prediction, value, threshold=None, *, p, eps):
+    """e (e^2 + eps)^((p-2)/2) = smooth Sign(e) |e|^(p-1); exactly e when p = 2."""
+    del threshold
+    error = prediction - value
+    return error * jnp.power(jnp.square(error) + eps, (p - 2.0) / 2.0)
+
+
+def _inside_huber(error, threshold):
+    """||e||_2 <= delta_t per token ([..., t]); the switch of Yaad eq. 26."""
+    return jnp.sum(jnp.square(error), axis=-1) <= jnp.square(threshold)
+
+
+def huber_loss(prediction, value, threshold):
+    """Yaad eq. 26: 1/2 ||e||^2 inside the threshold, delta_t ||e||_1 outside.
+
+    |e| is written e Sign(e) with Sign under stop_gradient, so `jax.grad` gives exactly
+    delta_t Sign(e) (also at e_j = 0, where Sign = 0), as `huber_output_grad` does.
+    """
+    error = prediction - value
+    l1 = jnp.sum(error * jax.lax.stop_gradient(jnp.sign(error)), axis=-1)
+    l2 = 0.5 * jnp.sum(jnp.square(error), axis=-1)
+    return jnp.where(_inside_huber(error, threshold), l2, threshold * l1)
+
+
+def huber_output_grad(prediction, value, threshold):
+    error = prediction - value
+    inside = _inside_huber(error, threshold)[..., None]
+    return jnp.where(inside, error, threshold[..., None] * jnp.sign(error))
+
+
+# ------------------------------------------------------------------------------- retentions
+
+
+def identity_weights(stored, spec):
+    del spec
+    return stored
+
+
+def lq_effective_weights(stored, spec):
+    """W = A / ||A||_q^(q-2) per leaf [..., d_in, d_out] (Miras eq. 24), q = spec.lq_q.
+
+    |A|^q is written (A^2)^(q/2) (smooth at 0); `lq_eps` inside the sum keeps the power
+    finite for an all-zero accumulator. q = 2 is the identity exactly (power 0).
+    """
+    q = spec.lq_q
+
+    def normalise(accumulator):
+        power_sum = jnp.sum(jnp.power(jnp.square(accumulator), q / 2.0), axis=(-2, -1))
+        scale = jnp.power(power_sum + spec.lq_eps, (q - 2.0) / q)
+        return accumulator / scale[..., None, None]
+
+    return jax.tree.map(normalise, stored)
+
+
+def kl_effective_weights(stored, spec):
+    """W = c softmax(P) over d_in (axis -2): Memora's weights from its log-probabilities."""
+    return jax.tree.map(lambda logits: spec.kl_scale * jax.nn.softmax(logits, axis=-2), stored)
+
+
+def kl_after_update(stored):
+    """P_t = log_softmax(alpha_t P_{t-1} + U_t) (Miras eq. 27 in log space).
+
+    Softmax is invariant to a shift of each column, so normalising only changes what is
+    stored, never W; it keeps the log-probabilities bounded over long sequences.
+    """
+    return jax.tree.map(lambda logits: jax.nn.log_softmax(logits, axis=-2), stored)
+
+
+def no_after_update(stored):
+    return stored
+
+
+# ------------------------------------------------------------------------------ muon rule
+
+
+def newton_schulz(matrix, steps, coefficients, eps=1e-7):
+    """NS_k(X) of the Atlas update on the last two axes: X / ||X||_F, then k times
+    X <- a X + (b A + c A A) X with A = X X^T, on the wide orientation (rows <= cols).
+
+    Same iteration as `optim.newton_schulz` (Muon's quintic), but in the input's float
+    precision and with configurable coefficients. The norm is sqrt(||X||^2 + eps^2), which
+    is smooth at X = 0 (a zero momentum stays zero, with finite gradients).
+    """
+    a, b, c = coefficients
+    transposed = matrix.shape[-2] > matrix.shape[-1]
+    x = jnp.swapaxes(matrix, -1, -2) if transposed else matrix
+    norm_sq = jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)
+    x = x * jax.lax.rsqrt(norm_sq + eps * eps)
+    for _ in range(steps):
+        gram = x @ jnp.swapaxes(x, -1, -2)
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return jnp.swapaxes(x, -1, -2) if transposed else x
+
+
+def muon_update(momentum, grads, lr, eta, *, steps, coefficients):
+    """ATLAS's Muon rule: S_t = eta_t S_{t-1} - u_t; the memory adds theta_t NS_k(S_t)."""
+    new = jax.tree.map(lambda s, u: eta[..., None, None] * s - u, momentum, grads)
+    update = jax.tree.map(
+        lambda s: lr[..., None, None] * newton_schulz(s, steps, coefficients), new
+    )
+    return new, update
+
+
+# ---------------------------------------------------------------------- the Omega window
+
+
+def empty_window(spec, batch, heads, key_dim, value_dim, dtype=jnp.float32):
+    """The Omega window before the first token: c-1 zero tokens with gate 0 (they add
+    nothing), Huber threshold 1 (any positive value would do). None when c == 1."""
+    size = spec.omega_window - 1
+    if size == 0:
+        return None
+    window = {
+        "k": jnp.zeros((batch, heads, size, key_dim), dtype),
+        "v": jnp.zeros((batch, heads, size, value_dim), dtype),
+        "gate": jnp.zeros((batch, heads, size), dtype),
+    }
+    if spec.bias == "huber":
+        window["huber_delta"] = jnp.ones((batch, heads, size), dtype)
+    return window
