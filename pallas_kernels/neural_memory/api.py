@@ -1,15 +1,17 @@
 """Public entry points of the deep (Titans / Miras) memory recurrence.
 
-`neural_memory` runs a whole sequence; `step` one token (recurrent decoding); `init_state`
-broadcasts learnable per-head initial weights over the batch; `state_norms` gives per-head
-norms for logging. The recurrence itself is documented in `reference.py`.
+`neural_memory` runs a whole sequence; `step` one token (recurrent decoding); `read` the
+memory without an update; `init_state` broadcasts learnable per-head initial weights over
+the batch; `state_norms` gives per-head norms for logging. The recurrence itself is
+documented in `reference.py`, the choices in `choices.py` / `choices_miras.py`.
 """
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.neural_memory import chunked, reference
+from pallas_kernels.neural_memory import chunked, kernel_api, reference
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState
+from pallas_kernels.neural_memory.choices_miras import empty_window
 
 IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_tpu", "pallas_gpu")
 
@@ -17,8 +19,11 @@ IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_tpu", "pallas_gpu")
 def init_state(spec: MemorySpec, initial_weights, batch_size) -> NeuralMemoryState:
     """Broadcast learnable initial weights (leaves [H, d_in, d_out]) to a float32 state [B, H, ...].
 
-    Momentum starts at zero for the momentum rule and is None for plain GD. Gradients flow
-    back to `initial_weights` through the broadcast.
+    Momentum starts at zero for the momentum / muon rules and is None for plain GD; the
+    Omega window (omega_window > 1) starts empty (`choices_miras.empty_window`). Gradients
+    flow back to `initial_weights` through the broadcast. For lq / kl retention the initial
+    weights are what the state stores (the accumulator A_0 / the logits of kl), so the
+    memory starts at `spec.effective_weights` of them.
     """
     names = spec.memory_architecture.layer_names
     if set(initial_weights) != set(names):
@@ -32,27 +37,46 @@ def init_state(spec: MemorySpec, initial_weights, batch_size) -> NeuralMemorySta
     momentum = None
     if spec.learning_rule.uses_momentum:
         momentum = {name: jnp.zeros_like(leaf) for name, leaf in weights.items()}
-    return NeuralMemoryState(weights, momentum)
+    first = initial_weights[spec.memory_architecture.layer_names[0]]
+    last = initial_weights[spec.memory_architecture.layer_names[-1]]
+    window = empty_window(spec, batch_size, first.shape[0], first.shape[-2], last.shape[-1])
+    return NeuralMemoryState(weights, momentum, window)
 
 
-def step(spec: MemorySpec, state, q_t, k_t, v_t, lr_t, mom_t, g_t):
+def step(spec: MemorySpec, state, q_t, k_t, v_t, lr_t, mom_t, g_t, *, huber_delta_t=None,
+         omega_gate_t=None):  # fmt: skip
     """One token of the exact rule for decoding: q_t, k_t [B, H, Dk], v_t [B, H, Dv]; lr_t,
-    mom_t (None for GD), g_t [B, H] -> (o_t [B, H, Dv] in v's dtype, new float32 state)."""
-    _check_scalars(spec, q_t.shape[:2], "[B, H]", lr_t, mom_t, g_t)
+    mom_t (None for GD), g_t, huber_delta_t (bias "huber" only), omega_gate_t (None = 1)
+    [B, H] -> (o_t [B, H, Dv] in v's dtype, new float32 state)."""
+    _check_scalars(spec, q_t.shape[:2], "[B, H]", lr_t, mom_t, g_t, huber_delta_t, omega_gate_t)
+    _check_window(spec, state, q_t.shape[0], q_t.shape[1])
     if g_t is None:
         g_t = jnp.zeros_like(lr_t)
     as_f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
-    output, state = reference.step(spec, state, *map(as_f32, (q_t, k_t, v_t, lr_t, mom_t, g_t)))
+    inputs = (q_t, k_t, v_t, lr_t, mom_t, g_t, huber_delta_t, omega_gate_t)
+    output, state = reference.step(spec, state, *map(as_f32, inputs))
     return output.astype(v_t.dtype), state
 
 
-def state_norms(state: NeuralMemoryState) -> dict[str, jax.Array]:
-    """Frobenius norm of every leaf per head, averaged over the batch: {"weights/W1": [H], ...}."""
+def read(spec: MemorySpec, state: NeuralMemoryState, q):
+    """M(q) without an update (Titans eq. 15), with the effective weights of the state (lq's
+    normalised accumulator, kl's softmax): q [B, T, H, Dk] -> [B, T, H, Dv] float32."""
+    queries = jnp.moveaxis(q.astype(jnp.float32), 1, 2)  # [B, H, T, Dk]
+    output, _ = spec.memory_architecture.forward(spec.effective_weights(state.weights), queries)
+    return jnp.moveaxis(output, 2, 1)
+
+
+def state_norms(state: NeuralMemoryState, spec: MemorySpec | None = None) -> dict[str, jax.Array]:
+    """Frobenius norm of every leaf per head, averaged over the batch: {"weights/W1": [H], ...}.
+
+    With `spec`, "weights/..." are the norms of the effective weights (what the network runs
+    on; differs from the stored state for lq / kl retention)."""
 
     def per_head(leaf):
         return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(leaf), axis=(-2, -1))), axis=0)
 
-    norms = {f"weights/{name}": per_head(leaf) for name, leaf in state.weights.items()}
+    weights = state.weights if spec is None else spec.effective_weights(state.weights)
+    norms = {f"weights/{name}": per_head(leaf) for name, leaf in weights.items()}
     if state.momentum is not None:
         norms.update({f"momentum/{name}": per_head(leaf) for name, leaf in state.momentum.items()})
     return norms
@@ -71,43 +95,121 @@ def neural_memory(
     chunk_size: int = 16,
     output_final_state: bool = False,
     impl: str = "auto",
+    interpret: bool = False,
+    huber_delta=None,
+    omega_gate=None,
 ):
     """Deep-memory recurrence over a sequence (Titans eqs. 8-18, Miras choices in `memory`).
 
     q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; lr (theta_t > 0), momentum (eta_t, None for the
-    GD rule), log_decay (g_t <= 0; None means no forgetting): [B, T, H]. `initial_state`
+    GD rule), log_decay (g_t <= 0; None means no forgetting), huber_delta (delta_t > 0;
+    required iff memory.bias == "huber"), omega_gate (gamma_t of the Omega rule, ATLAS eq.
+    9; None means ones): [B, T, H]. `initial_state`
     leaves [B, H, d_in, d_out] (see `init_state`). q is used as given (scale it yourself).
     impl: "reference" (exact token rule, ignores chunk_size), "chunked" (gradients at each
-    chunk's start memory, Titans eqs. 16-18; chunk_size 1 is the exact rule), "auto" (chunked
-    for now). Returns (o [B, T, H, Dv] in v's dtype, final float32 state or None).
+    chunk's start memory, Titans eqs. 16-18; chunk_size 1 is the exact rule), "pallas_tpu" /
+    "pallas_gpu" / "pallas" (by backend) the fused kernels of `kernel_api` (same result as
+    chunked; they cover only the Titans LMM memory, and say why when they refuse a call;
+    `interpret=True` runs them on CPU), "auto" (a kernel where `kernel_api` covers the
+    backend, spec and shapes, else chunked). Returns (o [B, T, H, Dv] in v's dtype, final
+    float32 state or None).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
-    if impl.startswith("pallas"):
-        raise NotImplementedError(f"impl={impl!r}: no Pallas kernel for neural_memory yet")
-    _check_inputs(memory, q, k, v, lr, momentum, log_decay, initial_state, chunk_size)
+    _check_inputs(memory, q, k, v, lr, momentum, log_decay, initial_state, chunk_size,
+                  huber_delta, omega_gate)  # fmt: skip
+    platform = _kernel_platform(impl, interpret, memory, q, k, v, chunk_size)
+    if platform is not None and (huber_delta is not None or omega_gate is not None):
+        if impl != "auto":  # the kernels implement neither input
+            raise ValueError(f"impl={impl!r}: the kernels take no huber_delta / omega_gate")
+        platform = None
+    if platform is not None:
+        output, final_state = kernel_api.run_kernel(
+            memory, q, k, v, lr, momentum, log_decay, initial_state,
+            chunk_size=chunk_size, platform=platform, interpret=interpret,
+        )  # fmt: skip
+        return output, (final_state if output_final_state else None)
     if log_decay is None:
         log_decay = jnp.zeros_like(lr)
     args = (memory, q, k, v, lr, momentum, log_decay, initial_state)
+    extra = dict(huber_delta=huber_delta, omega_gate=omega_gate)
     if impl == "reference":
-        output, final_state = reference.exact_scan(*args)
+        output, final_state = reference.exact_scan(*args, **extra)
     else:
-        output, final_state = chunked.chunked_scan(*args, chunk_size=chunk_size)
+        output, final_state = chunked.chunked_scan(*args, chunk_size=chunk_size, **extra)
     return output, (final_state if output_final_state else None)
 
 
-def _check_scalars(spec, leading, layout, lr, momentum, log_decay):
-    """lr / momentum / log_decay must be per-token per-head scalars shaped `leading`."""
-    for name, value in (("lr", lr), ("momentum", momentum), ("log_decay", log_decay)):
+def _kernel_platform(impl, interpret, spec, q, k, v, chunk_size):
+    """ "tpu" / "gpu" when this call runs a Pallas kernel, None for the XLA paths."""
+    if impl == "auto":
+        return None if interpret else kernel_api.kernel_platform_for_auto(spec, q, k, v, chunk_size)
+    if not impl.startswith("pallas"):
+        return None
+    if impl == "pallas":
+        backend = jax.default_backend()
+        platform = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(backend)
+        if platform is None:
+            if not interpret:
+                raise ValueError(
+                    f"impl='pallas' on backend {backend!r}: no Pallas kernel; pass "
+                    "interpret=True, or use impl='chunked'"
+                )
+            platform = "tpu"
+    else:
+        platform = impl.removeprefix("pallas_")
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    reason = kernel_api.kernel_rejects(spec, platform, q.shape[-1], v.shape[-1], chunk_size, dtypes)
+    if reason is not None:
+        raise ValueError(f"impl={impl!r}: the {platform} kernel does not take {reason}")
+    return platform
+
+
+def _check_scalars(spec, leading, layout, lr, momentum, log_decay, huber_delta, omega_gate):
+    """The gates must be per-token per-head scalars shaped `leading`; huber_delta is
+    required exactly for the huber bias."""
+    for name, value in (
+        ("lr", lr),
+        ("momentum", momentum),
+        ("log_decay", log_decay),
+        ("huber_delta", huber_delta),
+        ("omega_gate", omega_gate),
+    ):
         if value is not None and value.shape != tuple(leading):
             raise ValueError(f"{name} has shape {value.shape}; expected {layout}={leading}")
+    if spec.attentional_bias.needs_threshold and huber_delta is None:
+        raise ValueError(f"bias={spec.bias!r} needs a huber_delta (delta_t > 0) input; got None")
+    if not spec.attentional_bias.needs_threshold and huber_delta is not None:
+        raise ValueError(f"bias={spec.bias!r} takes no huber_delta input; pass huber_delta=None")
     if spec.learning_rule.uses_momentum and momentum is None:
         raise ValueError(f"rule={spec.rule!r} needs a momentum (eta) input; got None")
     if not spec.learning_rule.uses_momentum and momentum is not None:
         raise ValueError(f"rule={spec.rule!r} takes no momentum input; pass momentum=None")
 
 
-def _check_inputs(spec, q, k, v, lr, momentum, log_decay, state, chunk_size):
+def _check_window(spec, state, batch, heads):
+    """The Omega window of the state must hold c - 1 tokens (None for c = 1)."""
+    size = spec.omega_window - 1
+    if size == 0:
+        if state.window is not None:
+            raise ValueError("initial_state.window must be None for omega_window=1")
+        return
+    wanted = {"k", "v", "gate"} | ({"huber_delta"} if spec.bias == "huber" else set())
+    if state.window is None or set(state.window) != wanted:
+        got = None if state.window is None else sorted(state.window)
+        raise ValueError(
+            f"initial_state.window has {got}; omega_window={spec.omega_window} wants "
+            f"{sorted(wanted)} (see api.init_state)"
+        )
+    if state.window["gate"].shape != (batch, heads, size):
+        raise ValueError(
+            f"initial_state.window['gate'] is {state.window['gate'].shape}, not "
+            f"{(batch, heads, size)} (omega_window - 1 tokens)"
+        )
+
+
+def _check_inputs(spec, q, k, v, lr, momentum, log_decay, state, chunk_size, huber_delta,
+                  omega_gate):  # fmt: skip
     if q.ndim != 4 or k.shape != q.shape:
         raise ValueError(f"q {q.shape} and k {k.shape} must both be [B, T, H, Dk]")
     batch, seq_len, heads, key_dim = q.shape
@@ -117,7 +219,9 @@ def _check_inputs(spec, q, k, v, lr, momentum, log_decay, state, chunk_size):
         raise ValueError("neural_memory needs at least one token (T >= 1)")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r}; expected a positive int")
-    _check_scalars(spec, (batch, seq_len, heads), "[B, T, H]", lr, momentum, log_decay)
+    _check_scalars(spec, (batch, seq_len, heads), "[B, T, H]", lr, momentum, log_decay,
+                   huber_delta, omega_gate)  # fmt: skip
+    _check_window(spec, state, batch, heads)
     shapes = spec.weight_shapes(key_dim, v.shape[3])
     if spec.learning_rule.uses_momentum != (state.momentum is not None):
         raise ValueError(f"rule={spec.rule!r} and initial_state.momentum do not match")

@@ -1,0 +1,226 @@
+"""Mosaic TPU Pallas kernels for the chunked Titans deep-memory update, forward and backward.
+
+Grid (batch, head, chunk): batch and head "parallel", the chunk axis innermost and
+"arbitrary" (sequential). The float32 state -- W1, W2^T, S1, S2^T, four `[D, E·D]`
+matrices (`kernel_common.pack_state`) -- lives in one VMEM scratch buffer across the chunk
+loop; each step runs `kernel_math.chunk_step` on one chunk (memory on the chunk's keys at
+the decayed chunk-start weights, hand backprop through LN-residual / activation / both
+layers, momentum and decay coefficients, state at the chunk end, retrieval on the queries).
+
+What is on chip per grid step: the state scratch (16 D·E·D bytes) plus, double-buffered by
+Pallas, the state blocks in and out (initial / final / saved chunk state, 3 x 2 x 16 D·E·D
+bytes) and the chunk's tokens; with E = 2 that is ~3.5 MiB at D = 128 and ~0.9 MiB at
+D = 64, inside the default scoped VMEM (16 MiB on v5e, 32 MiB on v6e) up to D = 128, E = 4
+(~7 MiB). Larger D·E·D would need the state tiled over E·D (not done here).
+
+The backward walks the chunks in reverse (index maps read chunk N-1-n) with the state
+gradient in VMEM scratch, recomputing each chunk from its saved starting state and taking
+the chunk's VJP (`kernel_math.chunk_step_backward`).
+
+Per-token scalars (theta, eta, g) are passed twice, as `[.., b, 1]` columns and
+`[.., 1, b]` rows: both block shapes equal the array's full minor dims, which Mosaic's
+(8, 128) tiling rule accepts. The chunk size must be a multiple of 8 (16 for bfloat16).
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.neural_memory import kernel_common, kernel_math
+
+# f32 matmuls at full precision: the kernels are held to the float32 chunked form.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def _scalar_layouts(x, chunk_size):
+    """[B, H, T'] -> column form [B, H, T', 1] and row form [B, H, N, 1, b]."""
+    batch_size, num_heads, length = x.shape
+    rows = x.reshape(batch_size, num_heads, length // chunk_size, 1, chunk_size)
+    return x[..., None], rows
+
+
+def _specs(chunk, state_shape, reverse):
+    """BlockSpec makers: token blocks, scalar rows, one chunk's state, the whole state."""
+
+    def chunk_index(n):
+        return (pl.num_programs(2) - 1 - n) if reverse else n
+
+    def token_block(width):
+        return pl.BlockSpec((None, None, chunk, width), lambda b, h, n: (b, h, chunk_index(n), 0))
+
+    row_block = pl.BlockSpec(
+        (None, None, None, 1, chunk), lambda b, h, n: (b, h, chunk_index(n), 0, 0)
+    )
+    chunk_state = pl.BlockSpec(
+        (None, None, None, *state_shape), lambda b, h, n: (b, h, chunk_index(n), 0, 0, 0)
+    )
+    whole_state = pl.BlockSpec((None, None, *state_shape), lambda b, h, n: (b, h, 0, 0, 0))
+    return token_block, row_block, chunk_state, whole_state
+
+
+def _compiler_params():
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def _static(config):
+    return dict(activation=config.activation, norm_eps=config.norm_eps, precision=_PRECISION)
+
+
+def _load_state(ref):
+    return tuple(ref[index] for index in range(4))
+
+
+def _store_state(ref, state):
+    for index, leaf in enumerate(state):
+        ref[index] = leaf
+
+
+def _last_row(config, is_final_chunk):
+    """Row whose state leaves the chunk: the last real token in the final chunk."""
+    # Integer arithmetic, not `where`: Triton's lowering mixes the bool and int types here.
+    shortfall = config.chunk_size - 1 - config.last_row
+    return config.chunk_size - 1 - shortfall * is_final_chunk.astype(jnp.int32)
+
+
+def _cost(q, state, config, backward):
+    flops, transcendentals, io_bytes = kernel_common.cost_estimate(
+        q, state, config.chunk_size, backward=backward
+    )
+    return pl.CostEstimate(flops=flops, transcendentals=transcendentals, bytes_accessed=io_bytes)
+
+
+def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
+    """Kernel layout in (see kernel_common); returns (o, final state, chunk states | None)."""
+    batch_size, num_heads, length, dim = q.shape
+    state_shape = state.shape[2:]
+    num_chunks = length // config.chunk_size
+    token_block, row_block, chunk_state, whole_state = _specs(config.chunk_size, state_shape, False)
+    scalar_inputs = []
+    for x in (lr, eta, log_decay):
+        scalar_inputs += _scalar_layouts(x, config.chunk_size)
+
+    def kernel(q_ref, k_ref, v_ref, *refs):
+        scalar_refs, (initial_ref, o_ref, final_ref), rest = refs[:6], refs[6:9], refs[9:]
+        state_scratch = rest[-1]
+        chunk_index = pl.program_id(2)
+        is_final_chunk = chunk_index == pl.num_programs(2) - 1
+
+        @pl.when(chunk_index == 0)
+        def _():
+            state_scratch[...] = initial_ref[...]
+
+        if save_states:
+            rest[0][...] = state_scratch[...]
+        o, new_state = kernel_math.chunk_step(
+            q_ref[...].astype(jnp.float32),
+            k_ref[...].astype(jnp.float32),
+            v_ref[...].astype(jnp.float32),
+            tuple(ref[...] for ref in scalar_refs),
+            _load_state(state_scratch),
+            _last_row(config, is_final_chunk),
+            **_static(config),
+        )
+        o_ref[...] = o.astype(o_ref.dtype)
+        _store_state(state_scratch, new_state)
+
+        @pl.when(is_final_chunk)
+        def _():
+            _store_state(final_ref, new_state)
+
+    out_shape = [
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        jax.ShapeDtypeStruct(state.shape, jnp.float32),
+    ]
+    out_specs = [token_block(dim), whole_state]
+    if save_states:
+        states_shape = (batch_size, num_heads, num_chunks, *state_shape)
+        out_shape.append(jax.ShapeDtypeStruct(states_shape, jnp.float32))
+        out_specs.append(chunk_state)
+    outputs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(batch_size, num_heads, num_chunks),
+        in_specs=[token_block(dim)] * 3 + [token_block(1), row_block] * 3 + [whole_state],
+        out_specs=out_specs,
+        scratch_shapes=[pltpu.VMEM(state_shape, jnp.float32)],
+        compiler_params=_compiler_params(),
+        cost_estimate=_cost(q, state, config, backward=False),
+        interpret=config.interpret,
+        name="neural_memory_forward_tpu",
+    )(q, k, v, *scalar_inputs, state)
+    return outputs[0], outputs[1], (outputs[2] if save_states else None)
+
+
+def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_state):
+    """Reverse chunk loop; returns (dq, dk, dv, dlr, deta, dg, d_state_0), all float32."""
+    batch_size, num_heads, length, dim = q.shape
+    state_shape = chunk_states.shape[3:]
+    num_chunks = length // config.chunk_size
+    token_block, row_block, chunk_state, whole_state = _specs(config.chunk_size, state_shape, True)
+    scalar_inputs = []
+    for x in (lr, eta, log_decay):
+        scalar_inputs += _scalar_layouts(x, config.chunk_size)
+
+    def kernel(q_ref, k_ref, v_ref, *refs):
+        scalar_refs = refs[:6]
+        states_ref, d_o_ref, d_final_ref = refs[6:9]
+        dq_ref, dk_ref, dv_ref = refs[9:12]
+        d_scalar_refs = refs[12:18]
+        d_initial_ref, d_state_scratch = refs[18:]
+        step = pl.program_id(2)
+
+        @pl.when(step == 0)
+        def _():
+            d_state_scratch[...] = d_final_ref[...]
+
+        dq, dk, dv, d_scalars, d_state = kernel_math.chunk_step_backward(
+            q_ref[...].astype(jnp.float32),
+            k_ref[...].astype(jnp.float32),
+            v_ref[...].astype(jnp.float32),
+            tuple(ref[...] for ref in scalar_refs),
+            _load_state(states_ref),
+            _last_row(config, step == 0),
+            d_o_ref[...].astype(jnp.float32),
+            _load_state(d_state_scratch),
+            **_static(config),
+        )
+        dq_ref[...], dk_ref[...], dv_ref[...] = dq, dk, dv
+        for ref, value in zip(d_scalar_refs, d_scalars):
+            ref[...] = value
+        _store_state(d_state_scratch, d_state)
+
+        @pl.when(step == pl.num_programs(2) - 1)
+        def _():
+            _store_state(d_initial_ref, d_state)
+
+    f32 = jnp.float32
+    scalar_col = jax.ShapeDtypeStruct((batch_size, num_heads, length, 1), f32)
+    scalar_row = jax.ShapeDtypeStruct(
+        (batch_size, num_heads, num_chunks, 1, config.chunk_size), f32
+    )
+    out_shape = [jax.ShapeDtypeStruct(x.shape, f32) for x in (q, k, v)]
+    out_shape += [scalar_col, scalar_row] * 3 + [jax.ShapeDtypeStruct(d_final_state.shape, f32)]
+    out_specs = [token_block(dim)] * 3 + [token_block(1), row_block] * 3 + [whole_state]
+    outputs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(batch_size, num_heads, num_chunks),
+        in_specs=[token_block(dim)] * 3
+        + [token_block(1), row_block] * 3
+        + [chunk_state, token_block(dim), whole_state],
+        out_specs=out_specs,
+        scratch_shapes=[pltpu.VMEM(state_shape, f32)],
+        compiler_params=_compiler_params(),
+        cost_estimate=_cost(q, d_final_state, config, backward=True),
+        interpret=config.interpret,
+        name="neural_memory_backward_tpu",
+    )(q, k, v, *scalar_inputs, chunk_states, d_o, d_final_state)
+    dq, dk, dv = outputs[:3]
+    d_scalars = []
+    for col, row in zip(outputs[3:9:2], outputs[4:9:2]):
+        d_scalars.append(col[..., 0] + row.reshape(col.shape[:-1]))
+    return (dq, dk, dv, *d_scalars, outputs[9])
+
+
+recurrence = kernel_common.make_recurrence(forward, backward)
