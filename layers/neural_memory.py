@@ -11,6 +11,18 @@ four-choice form; see its `reference.py`):
     o_t     = M_t(q_t)                                  (read after the update, eq. 15)
     y       = (RMSNorm(o) ⊙ SiLU(x W_gate)) W_out       (per-head norm + output gate)
 
+and, only where the `MemorySpec` / options ask for them (ATLAS, Miras):
+
+    q, k    = φ(q), φ(k)                                (feature map after the ℓ2 norm;
+                                                         `layers.feature_maps`, ATLAS §3.1)
+    δ_t     = softplus(x_t W_δ + b_δ) + δ_min            (Huber threshold, bias "huber":
+                                                         Yaad's data-dependent δ_t, Miras §5)
+    γ_t     = sigmoid(x_t W_γ + b_γ)                    (Omega-rule gate, omega_window > 1:
+                                                         ATLAS eq. 9's γ_i)
+
+The choices themselves (ℓp / Huber bias, ℓq / KL retention, Muon and Omega rules) live in
+`pallas_kernels.neural_memory`; the layer only produces their per-token inputs.
+
 The memory's initial weights M_0 are learned per head (leaves [H, d_in, d_out], logical axes
 ("heads", None, None)); the batch starts from the same M_0. Departures from the paper: the
 inner loss carries a 1/2 (θ is the delta rule's β), the gradient is taken at the retained
@@ -25,26 +37,40 @@ exact token rule: the cache keeps the memory at the start of the current chunk a
 chunk's tokens so far, and each new token re-runs that partial chunk (`chunked.chunk_step`,
 O(chunk_size) per token), so chunk boundaries fall where they fall in the full forward
 (positions 0, b, 2b, ...). With chunk_size 1 both are the exact token rule (eqs. 9-14).
+The recurrence state carries whatever a choice needs across chunks (the Omega rule's last
+c - 1 tokens, ℓq's accumulator, KL's log-weights), so the cached chunk-start state does too.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.feature_maps import FEATURE_MAPS, PolynomialFeatureMap
 from layers.linear_memory import GatedOutput, l2_normalize
 from layers.sharding import with_logical_axes
 from layers.short_conv import ShortConv
 from pallas_kernels import neural_memory as recurrence
-from pallas_kernels.neural_memory import MemorySpec, NeuralMemoryState
-from pallas_kernels.neural_memory.chunked import chunk_step
+from pallas_kernels.neural_memory import MemorySpec, NeuralMemoryState, api
+from pallas_kernels.neural_memory.chunked import PAD_VALUES, chunk_step
 from training.errors import DataError
 
 # Gate biases at init: θ = lr_max / 2, η = 1/2, α = sigmoid(-4) ≈ 0.018 (the memory keeps
 # ~98% per token, a half-life of ~38 tokens; sigmoid(0) = 1/2 would forget almost at once).
 DECAY_BIAS_INIT = -4.0
-# Scalars of padding tokens inside a partial chunk (as `chunked._split_chunks`): finite, and
-# never read, since every chunk coefficient is lower triangular.
-_PAD_VALUES = {"q": 0.0, "k": 0.0, "v": 0.0, "lr": 0.0, "eta": 1.0, "g": 0.0}
+# Huber threshold δ = softplus(b) = sqrt(head_dim) at init (`huber_bias_init`): the size of
+# the memory's output LN part, so of a typical error ‖M(k) - v‖ at init — the switch
+# between the quadratic and the linear regime starts where the errors are. The floor keeps
+# δ > 0 when softplus underflows.
+HUBER_DELTA_MIN = 1e-4
+# Omega gates γ = sigmoid(0) = 1/2 at init: every token of the window counts the same.
+OMEGA_GATE_BIAS_INIT = 0.0
+
+
+def huber_bias_init(head_dim: int) -> float:
+    """softplus^-1(sqrt(head_dim)) = log(exp(sqrt(head_dim)) - 1)."""
+    return math.log(math.expm1(math.sqrt(head_dim)))
 
 
 def _feature_dims(name, head_dim):
@@ -57,11 +83,20 @@ def memory_weight_init(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype) * shape[-2] ** -0.5
 
 
+def log_probability_init(key, shape, dtype=jnp.float32):
+    """N(0, 1) log-probabilities for KL retention (Memora), whose weights are softmax(P)
+    over d_in: with N(0, 1/d_in) the softmax is nearly uniform, every output unit starts as
+    the same average of its inputs, and the memory's parameter-free LN divides by their
+    tiny spread (float32 rounding grows ~10x, measured). Unit spread gives distinct units."""
+    return jax.random.normal(key, shape, dtype)
+
+
 class NeuralMemory(nnx.Module):
     """Titans' neural memory as a sequence mixer (module docstring). x [B, T, D] -> [B, T, D].
 
     Matmuls run in `dtype` (parameters float32); gates, norms and the memory are float32.
-    `conv_size=0` disables the short convolutions (SiLU is kept).
+    `conv_size=0` disables the short convolutions (SiLU is kept). `feature_map`
+    "polynomial" applies ATLAS's φ of degree `feature_degree` to q and k ("identity": none).
     """
 
     def __init__(
@@ -78,9 +113,13 @@ class NeuralMemory(nnx.Module):
         norm_eps: float = 1e-6,
         init_std: float = 0.02,
         out_init_std: float = 0.02,
+        feature_map: str = "identity",
+        feature_degree: int = 2,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map={feature_map!r}; expected one of {FEATURE_MAPS}")
         self.spec = spec
         self.num_heads, self.head_dim = num_heads, head_dim
         self.chunk_size, self.conv_size = chunk_size, conv_size
@@ -108,7 +147,8 @@ class NeuralMemory(nnx.Module):
         if spec.learning_rule.uses_momentum:
             self.momentum = linear(num_heads, ("embed", "heads"), bias=0.0)
         self.decay = linear(num_heads, ("embed", "heads"), bias=DECAY_BIAS_INIT)
-        init = with_logical_axes(memory_weight_init, "heads", None, None)
+        weight_init = log_probability_init if spec.retention == "kl" else memory_weight_init
+        init = with_logical_axes(weight_init, "heads", None, None)
         self.initial_weights = nnx.Dict(
             {
                 name: nnx.Param(init(rngs.params(), (num_heads,) + shape, jnp.float32))
@@ -125,6 +165,15 @@ class NeuralMemory(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
+        # Built last, so a Titans layer draws exactly the parameters it always did.
+        if spec.bias == "huber":
+            threshold_bias = huber_bias_init(head_dim)
+            self.huber_threshold = linear(num_heads, ("embed", "heads"), bias=threshold_bias)
+        if spec.omega_window > 1:
+            self.omega_gate = linear(num_heads, ("embed", "heads"), bias=OMEGA_GATE_BIAS_INIT)
+        self.feature_map = (
+            PolynomialFeatureMap(num_heads, feature_degree) if feature_map == "polynomial" else None
+        )
 
     # ---- pieces, also used by the Titans blocks (models.titans) --------------------------
 
@@ -135,15 +184,21 @@ class NeuralMemory(nnx.Module):
         y, new_conv_states[name] = getattr(self, f"{name}_conv")(projected, conv_state=conv_state)
         return y
 
+    def _normalize(self, x):
+        """ℓ2 norm per head, then the feature map φ (bounded powers; `layers.feature_maps`)."""
+        x = l2_normalize(x)
+        return x if self.feature_map is None else self.feature_map(x)
+
     def queries(self, x, conv_states=None):
-        """Read queries only: x [B, T, D] -> (q [B, T, H, hd] unit norm, new conv states)."""
+        """Read queries only: x [B, T, D] -> (φ(q / ‖q‖) [B, T, H, hd], new conv states)."""
         new_states = {}
         q = self._conv("query", self.query(x), conv_states, new_states)
-        return l2_normalize(q.reshape(*x.shape[:2], self.num_heads, -1)), new_states
+        return self._normalize(q.reshape(*x.shape[:2], self.num_heads, -1)), new_states
 
     def features(self, x, conv_states=None):
         """x [B, T, D] -> ({q, k, v [B, T, H, hd]; lr, eta, g [B, T, H] float32 (eta None
-        for the GD rule)}, new conv states {query, key, value: [B, K-1, C]})."""
+        for the GD rule); huber_delta (bias "huber"), omega_gate (omega_window > 1) [B, T, H]
+        float32 where the spec needs them}, new conv states {query, key, value: [B, K-1, C]})."""
         heads = (*x.shape[:2], self.num_heads, -1)
         q, new_states = self.queries(x, conv_states)
         k = self._conv("key", self.key(x), conv_states, new_states)
@@ -154,13 +209,30 @@ class NeuralMemory(nnx.Module):
         decay_logits = self.decay(x).astype(jnp.float32)
         inputs = {
             "q": q,
-            "k": l2_normalize(k.reshape(heads)),
+            "k": self._normalize(k.reshape(heads)),
             "v": v.reshape(heads),
             "lr": self.lr_max * jax.nn.sigmoid(self.step_size(x).astype(jnp.float32)),
             "eta": eta,
             "g": -jax.nn.softplus(decay_logits),  # log(1 - sigmoid(a)), finite for any a
         }
+        if self.spec.bias == "huber":
+            threshold_logits = self.huber_threshold(x).astype(jnp.float32)
+            inputs["huber_delta"] = jax.nn.softplus(threshold_logits) + HUBER_DELTA_MIN
+        if self.spec.omega_window > 1:
+            inputs["omega_gate"] = jax.nn.sigmoid(self.omega_gate(x).astype(jnp.float32))
         return inputs, new_states
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Keys of the per-token inputs `features` gives (and the decoding cache buffers)."""
+        names = ["q", "k", "v", "lr", "g"]
+        if self.spec.learning_rule.uses_momentum:
+            names.append("eta")
+        if self.spec.bias == "huber":
+            names.append("huber_delta")
+        if self.spec.omega_window > 1:
+            names.append("omega_gate")
+        return tuple(names)
 
     def initial_state(self, batch_size: int) -> NeuralMemoryState:
         initial = {name: param[...] for name, param in self.initial_weights.items()}
@@ -180,13 +252,16 @@ class NeuralMemory(nnx.Module):
             chunk_size=chunk_size or self.chunk_size,
             output_final_state=True,
             impl=self.impl,
+            huber_delta=inputs.get("huber_delta"),
+            omega_gate=inputs.get("omega_gate"),
         )
 
     def read(self, state: NeuralMemoryState, q):
-        """M(q) without an update (Titans eq. 15): q [B, T, H, hd] -> [B, T, H, hd] float32."""
-        queries = jnp.moveaxis(q.astype(jnp.float32), 1, 2)  # [B, H, T, hd]
-        output, _ = self.spec.memory_architecture.forward(state.weights, queries)
-        return jnp.moveaxis(output, 2, 1)
+        """M(q) without an update (Titans eq. 15): q [B, T, H, hd] -> [B, T, H, hd] float32.
+
+        `api.read` applies the memory with its effective weights (ℓq / KL retention keep
+        an accumulator or log-weights in the state)."""
+        return api.read(self.spec, state, q.astype(jnp.float32))
 
     # ---- the layer -------------------------------------------------------------------------
 
@@ -202,20 +277,18 @@ class NeuralMemory(nnx.Module):
             )
         inputs, _ = self.features(x)
         o, final_state = self.recur(inputs, self.initial_state(x.shape[0]), chunk_size=chunk_size)
-        return self.output(o, x), memory_norms(final_state)
+        return self.output(o, x), memory_norms(final_state, self.spec)
 
     def init_cache(self, batch_size: int) -> dict:
         """Memory at the current chunk's start, that chunk's inputs so far ([B, H, b, ...],
         float32), how many of them are filled (int32 scalar), and the conv states."""
         chunk = (batch_size, self.num_heads, self.chunk_size)
+        # Padding values of `chunked` (finite, never read: chunk coefficients are causal).
         buffer = {
-            name: jnp.full(
-                chunk + ((self.head_dim,) if name in ("q", "k", "v") else ()), pad, jnp.float32
-            )
-            for name, pad in _PAD_VALUES.items()
+            name: jnp.full(shape, PAD_VALUES[name], jnp.float32)
+            for name in self.input_names
+            for shape in [chunk + _feature_dims(name, self.head_dim)]
         }
-        if not self.spec.learning_rule.uses_momentum:
-            del buffer["eta"]
         cache = {
             "chunk_start": self.initial_state(batch_size),
             "chunk": buffer,
@@ -251,8 +324,7 @@ class NeuralMemory(nnx.Module):
                 name: jax.lax.dynamic_update_index_in_dim(chunk[name], token[name], filled, 2)
                 for name in chunk
             }
-            args = tuple(chunk.get(name) for name in ("q", "k", "v", "lr", "eta", "g"))
-            state, outputs = chunk_step(self.spec, start, args + (filled,))
+            state, outputs = chunk_step(self.spec, start, {"eta": None, **chunk}, filled)
             output = jax.lax.dynamic_index_in_dim(outputs, filled, 2, keepdims=False)
             full = (filled == self.chunk_size - 1) | forced
             start = jax.tree.map(lambda new, old: jnp.where(full, new, old), state, start)
@@ -269,12 +341,13 @@ class NeuralMemory(nnx.Module):
         return o, {**cache, "chunk_start": start, "chunk": chunk, "filled": filled}
 
 
-def memory_norms(state: NeuralMemoryState) -> dict[str, jax.Array]:
+def memory_norms(state: NeuralMemoryState, spec: MemorySpec | None = None):
     """Logged metrics: Frobenius norm of each memory (and momentum) leaf, mean over heads:
-    {"memory_norm/W1": scalar, "momentum_norm/W1": scalar, ...}."""
+    {"memory_norm/W1": scalar, "momentum_norm/W1": scalar, ...}. With `spec`, the memory
+    norms are those of the weights the network runs on (ℓq / KL retention store others)."""
+    prefixes = {"weights": "memory_norm", "momentum": "momentum_norm"}
     norms = {}
-    for key, per_head in recurrence.state_norms(state).items():
-        part, name = key.split("/")
-        prefix = "memory_norm" if part == "weights" else "momentum_norm"
-        norms[f"{prefix}/{name}"] = jnp.mean(per_head)
+    for key, per_head in api.state_norms(state, spec).items():
+        part, name = key.split("/", 1)
+        norms[f"{prefixes.get(part, part + '_norm')}/{name}"] = jnp.mean(per_head)
     return norms

@@ -15,11 +15,13 @@ with σ the sigmoid and W_o a projection into the residual stream (the paper doe
 the non-linearity; W_o is ours, so the block writes the residual at the usual init scale).
 
 Options (`model.<kind>`): the memory's (num_heads, head_dim: 0 = the model's; architecture,
-depth, expansion, activation, bias, rule: `MemorySpec`; chunk_size, conv_size, lr_max, impl),
-plus window and rope_theta for the attention (mal, mag), num_persistent (mag, mac) and
-segment_size (mac). Decoding (`init_cache` / `extend`) exists for all four and equals the
-full forward, chunk for chunk (see `layers.neural_memory` for the chunk-aligned memory
-cache); MAC decodes token by token.
+depth, expansion, activation, bias, lp_p, retention, lq_q, rule, ns_steps, ns_coefficients,
+omega_window: `MemorySpec`; feature_map, feature_degree: `layers.feature_maps`; chunk_size,
+conv_size, lr_max, impl), plus window and rope_theta for the attention (mal, mag),
+num_persistent (mag, mac) and segment_size (mac). The ATLAS / Miras kinds built from the
+same memory are in `models.miras`. Decoding (`init_cache` / `extend`) exists for all four
+and equals the full forward, chunk for chunk (see `layers.neural_memory` for the
+chunk-aligned memory cache); MAC decodes token by token.
 """
 
 import jax
@@ -33,6 +35,7 @@ from layers.attention import (
     dot_product_attention,
     write_cache,
 )
+from layers.feature_maps import FEATURE_MAPS
 from layers.mlp import SwiGLU
 from layers.neural_memory import NeuralMemory
 from layers.norms import RMSNorm, rms_norm
@@ -253,7 +256,15 @@ _MEMORY_DEFAULTS = {
     "expansion": 2,
     "activation": "gelu",
     "bias": "l2",
+    "lp_p": 3.0,  # bias "lp" (Moneta's p)
+    "retention": "gated_decay",
+    "lq_q": 4.0,  # retention "lq" (Moneta's q)
     "rule": "momentum",
+    "ns_steps": 5,  # rule "muon": Newton-Schulz steps and their (a, b, c)
+    "ns_coefficients": (3.4445, -4.7750, 2.0315),
+    "omega_window": 1,  # ATLAS eq. 9's c; 1 = the online rule
+    "feature_map": "identity",  # or "polynomial" (ATLAS)
+    "feature_degree": 2,
     "chunk_size": 16,
     "conv_size": 4,
     "lr_max": 0.1,
@@ -264,13 +275,23 @@ _ATTENTION_DEFAULTS = {"window": 256, "rope_theta": 10000.0}
 
 def _build_memory(model_config, block_config, out_init_std, rngs):
     """NeuralMemory from the block's options (ConfigError names the option, no prefix)."""
-    for key, minimum in (("num_heads", 0), ("head_dim", 0), ("chunk_size", 1), ("conv_size", 0)):
+    minimums = (
+        ("num_heads", 0),
+        ("head_dim", 0),
+        ("chunk_size", 1),
+        ("conv_size", 0),
+        ("feature_degree", 1),
+    )
+    for key, minimum in minimums:
         if block_config[key] < minimum:
             raise ConfigError(f"{key}: must be >= {minimum}, got {block_config[key]}")
     if not block_config.lr_max > 0:
         raise ConfigError(f"lr_max: must be > 0, got {block_config.lr_max}")
     if block_config.impl not in IMPLS:
         raise ConfigError(f"impl: {block_config.impl!r} is not one of {', '.join(IMPLS)}")
+    if block_config.feature_map not in FEATURE_MAPS:
+        known = ", ".join(FEATURE_MAPS)
+        raise ConfigError(f"feature_map: {block_config.feature_map!r} is not one of {known}")
     try:
         spec = MemorySpec(
             architecture=block_config.architecture,
@@ -278,7 +299,13 @@ def _build_memory(model_config, block_config, out_init_std, rngs):
             expansion=block_config.expansion,
             activation=block_config.activation,
             bias=block_config.bias,
+            lp_p=float(block_config.lp_p),
+            retention=block_config.retention,
+            lq_q=float(block_config.lq_q),
             rule=block_config.rule,
+            ns_steps=block_config.ns_steps,
+            ns_coefficients=tuple(float(c) for c in block_config.ns_coefficients),
+            omega_window=block_config.omega_window,
             norm_eps=model_config.norm_eps,
         )
     except ValueError as error:  # "MemorySpec.<field>=...; expected one of ..."
@@ -295,6 +322,8 @@ def _build_memory(model_config, block_config, out_init_std, rngs):
         norm_eps=model_config.norm_eps,
         init_std=model_config.init_std,
         out_init_std=out_init_std,
+        feature_map=block_config.feature_map,
+        feature_degree=block_config.feature_degree,
         dtype=compute_dtype_of(model_config),
         rngs=rngs,
     )

@@ -17,7 +17,10 @@ import models
 from models import registry
 
 LENGTH, WIDTH = 4096, 32
-MEMORY_KINDS = ("linear_attention", "gla", "deltanet", "gdn", "mom", "lmm", "mal", "mag", "mac")
+MEMORY_KINDS = (
+    ("linear_attention", "gla", "deltanet", "gdn", "mom", "lmm", "mal", "mag", "mac")
+    + ("atlas", "omeganet", "moneta", "yaad", "memora")  # models.miras
+)
 
 
 def adversarial_inputs():

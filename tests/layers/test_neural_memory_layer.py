@@ -143,3 +143,86 @@ def test_packed_sequences_are_refused():
     segment_ids = jnp.zeros((BATCH, LENGTH), jnp.int32)
     with pytest.raises(DataError, match="segment_ids"):
         _layer()(_inputs(), segment_ids=segment_ids)
+
+
+# ---- the ATLAS / Miras choices (layer side: inputs, feature map, decoding) ----------------
+
+# Each new choice with the per-token inputs it needs; the Omega window (3) is shorter than a
+# chunk (4) and crosses chunk boundaries; layer options beside the spec.
+NEW_CHOICES = {
+    "moneta": (MemorySpec(bias="lp", lp_p=3.0, retention="lq", lq_q=4.0, rule="gd"), {}),
+    "yaad": (MemorySpec(bias="huber", rule="gd"), {}),
+    "memora": (MemorySpec(retention="kl", rule="gd"), {}),
+    "atlas": (MemorySpec(rule="muon", omega_window=3), {"feature_map": "polynomial"}),
+    "omeganet": (
+        MemorySpec(rule="gd", omega_window=3),
+        {"feature_map": "polynomial", "feature_degree": 3},
+    ),
+}
+
+
+def test_titans_defaults_build_no_new_parameters():
+    """The Titans layer keeps exactly its parameters (so its init and outputs are unchanged)."""
+    names = {path[0] for path, _ in nnx.to_flat_state(nnx.state(_layer(), nnx.Param))}
+    assert names == {
+        "query", "key", "value", "query_conv", "key_conv", "value_conv",
+        "step_size", "momentum", "decay", "initial_weights", "output",
+    }  # fmt: skip
+    assert _layer().input_names == ("q", "k", "v", "lr", "g", "eta")
+
+
+@pytest.mark.parametrize("name", NEW_CHOICES)
+def test_new_choices_run_forward_and_backward(name):
+    spec, options = NEW_CHOICES[name]
+    layer = _layer(spec, init_std=0.3, **options)
+    inputs, _ = layer.features(_inputs())
+    assert set(inputs) - {"eta"} == set(layer.input_names) - {"eta"}
+    if "huber_delta" in inputs:
+        assert float(jnp.min(inputs["huber_delta"])) > 0
+    if "omega_gate" in inputs:
+        gates = inputs["omega_gate"]
+        assert float(jnp.min(gates)) >= 0 and float(jnp.max(gates)) <= 1
+
+    def loss(module):  # one compilation for the forward and the backward
+        out, _ = module(_inputs())
+        return jnp.sum(out**2), out
+
+    grads, y = nnx.jit(nnx.grad(loss, has_aux=True))(layer)
+    assert y.shape == (BATCH, LENGTH, WIDTH) and bool(jnp.all(jnp.isfinite(y)))
+    for path, grad in nnx.to_flat_state(grads):
+        assert bool(jnp.all(jnp.isfinite(grad.get_value()))), path
+    for part in ("huber_threshold", "omega_gate", "feature_map", "initial_weights"):
+        if hasattr(layer, part) and getattr(layer, part) is not None:
+            largest = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads[part]))
+            assert largest > 0, (name, part)
+
+
+@pytest.mark.parametrize("name", NEW_CHOICES)
+def test_new_choices_chunk_size_one_is_the_exact_token_rule(name):
+    spec, options = NEW_CHOICES[name]
+    layer = _layer(spec, init_std=0.3, **options)
+    exact = _layer(spec, init_std=0.3, impl="reference", **options)(_inputs())[0]
+    np.testing.assert_allclose(layer(_inputs(), chunk_size=1)[0], exact, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("name", NEW_CHOICES)
+def test_new_choices_decode_in_pieces_and_single_tokens(name):
+    spec, options = NEW_CHOICES[name]
+    layer = _layer(spec, init_std=0.3, **options)
+    x = _inputs()
+    full, _ = layer(x)
+    # A whole first chunk, single tokens into the second, then 4 tokens across the chunk
+    # boundary at 8 (the Omega window reaches back over it); two compilations (T = 4, 1).
+    cache, outputs, start = layer.init_cache(BATCH), [], 0
+    for length in (4, 1, 1, 1, 4):
+        y, cache = _extend(layer, x[:, start : start + length], cache)
+        outputs.append(y)
+        start += length
+    np.testing.assert_allclose(jnp.concatenate(outputs, 1), full, atol=TOL, rtol=TOL)
+
+
+def test_polynomial_degree_one_layer_equals_the_identity_map_layer():
+    spec = MemorySpec(omega_window=2)
+    plain = _layer(spec, init_std=0.3)
+    mapped = _layer(spec, init_std=0.3, feature_map="polynomial", feature_degree=1)
+    np.testing.assert_array_equal(mapped(_inputs())[0], plain(_inputs())[0])

@@ -1,0 +1,62 @@
+"""ATLAS, OmegaNet and the Miras models as block kinds: "atlas", "omeganet", "moneta",
+"yaad", "memora".
+
+Each is the memory-as-a-layer block of Titans (`models.titans.LMMBlock`: x +
+NeuralMemory(RMSNorm(x)), then + SwiGLU(RMSNorm(.))) with one point of the Miras design
+space as its defaults — the same `layers.neural_memory.NeuralMemory`, other choices of
+`MemorySpec` and feature map, nothing copied. Every default is an option of `model.<kind>`
+(the list is in `models.titans`), so `--config.model.moneta.lq_q=2` is a different Moneta,
+and every kind mixes with the others in `model.block_pattern`, e.g. ("atlas", "swa").
+
+ATLAS (Behrouz et al. 2025, "Atlas: Learning to Optimally Memorize the Context at Test
+Time", arXiv 2505.23735):
+
+    atlas     Omega rule (eq. 9: the memory's gradient is that of the γ-gated sum of the
+              ℓ2 losses of the last c tokens) + polynomial features φ on q, k (§3.1) +
+              Newton-Schulz-orthogonalised momentum (the "Muon" rule, §3.3), gated decay.
+    omeganet  the same Omega rule and features, plain gradient descent.
+
+Miras (Behrouz et al. 2025, "It's All Connected: A Journey Through Test-Time Memorization,
+Attentional Bias, Retention, and Online Optimization", arXiv 2504.13173, §5):
+
+    moneta    ℓp attentional bias with p = 3, ℓq retention (normalisation) with q = 4.
+    yaad      Huber attentional bias with a data-dependent threshold δ_t, gated decay
+              (Miras' ℓ2 retention).
+    memora    ℓ2 attentional bias, KL retention (softmax over the memory, in log space).
+
+The three Miras models take one gradient step per token (rule "gd"), as their update rules
+in Miras §5 do. Memory: the MLP of depth 2 of our Titans blocks (Miras and ATLAS use deep
+MLP memories; the hidden width here is `expansion` = 2 times the head dim).
+
+Departures and our choices (the papers give ablations, not single values, or sizes far
+larger than this codebase's tests and CPU runs): Omega window c = 4 and polynomial degree
+p = 2 (the smallest that adds a term) with learnable coefficients initialised to 1/i!
+(`layers.feature_maps`); the Omega gates γ_i are a sigmoid of the token (init 1/2);
+Yaad's δ_t = softplus(x W_δ + b) (init √head_dim, the size of a typical error at init);
+Newton-Schulz with Muon's 5 steps and (3.4445, -4.7750, 2.0315); Memora's initial
+log-weights N(0, 1) (`layers.neural_memory.log_probability_init`). The chunk-parallel
+training form takes each gradient at the chunk-start memory (Titans §3.2), as for every
+deep memory here.
+"""
+
+from models.titans import _MEMORY_DEFAULTS, LMMBlock, _register
+
+OMEGA_WINDOW = 4
+POLYNOMIAL_DEGREE = 2
+
+_OMEGA = {
+    "omega_window": OMEGA_WINDOW,
+    "feature_map": "polynomial",
+    "feature_degree": POLYNOMIAL_DEGREE,
+}
+
+KIND_DEFAULTS = {
+    "atlas": {**_OMEGA, "rule": "muon"},
+    "omeganet": {**_OMEGA, "rule": "gd"},
+    "moneta": {"bias": "lp", "lp_p": 3.0, "retention": "lq", "lq_q": 4.0, "rule": "gd"},
+    "yaad": {"bias": "huber", "retention": "gated_decay", "rule": "gd"},
+    "memora": {"bias": "l2", "retention": "kl", "rule": "gd"},
+}
+
+for _kind, _overrides in KIND_DEFAULTS.items():
+    _register(_kind, LMMBlock, {**_MEMORY_DEFAULTS, **_overrides})

@@ -1,0 +1,175 @@
+"""ATLAS / OmegaNet / Moneta / Yaad / Memora block kinds (`models.miras`): the papers'
+choices as defaults, decoding of a hybrid with sliding-window attention, 4096-token health
+in float32 and bfloat16, bad options, and the configs.
+
+Covered elsewhere, for every choice or kind: forward, gradients, chunk size 1 against the
+exact rule and decoding across chunk boundaries in tests/layers/test_neural_memory_layer.py;
+decoding of each kind inside the LM in tests/models/test_generate.py; adversarial inputs
+over 4096 tokens in tests/layers/test_memory_stability.py."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import models
+from configs import atlas as atlas_configs
+from configs import miras as miras_configs
+from layers.neural_memory import NeuralMemory, memory_norms
+from models import registry
+from training.errors import ConfigError
+
+KINDS = ("atlas", "omeganet", "moneta", "yaad", "memora")
+BATCH, VOCAB, WIDTH, LENGTH = 2, 32, 32, 11
+# float32: cached decoding and the full forward compute the same sums in another order
+# (padding contributes exact zeros), so logits of size ~5 agree to ~1e-6.
+TOL = 1e-5
+
+
+def _config(pattern, **options):
+    """One-layer-per-kind tiny LM; options set on every memory kind of the pattern."""
+    config = models.default_config()
+    config.vocab_size, config.d_model, config.num_heads = VOCAB, WIDTH, 2
+    config.block_pattern = tuple(pattern)
+    config.num_layers = len(pattern)
+    config.init_std = 0.3  # peaked logits: a stale cache entry shows
+    config.swa.window = 3
+    for kind in set(pattern) & set(KINDS):
+        config[kind].chunk_size = 4  # LENGTH 11: full chunks and a partial one
+        for key, value in options.items():
+            config[kind][key] = value
+    return config
+
+
+@functools.cache
+def _model(pattern, options=()):
+    return models.build_model(_config(pattern, **dict(options)), rngs=nnx.Rngs(0))
+
+
+def _tokens(length=LENGTH, seed=1):
+    return jax.random.randint(jax.random.key(seed), (BATCH, length), 0, VOCAB, jnp.int32)
+
+
+@nnx.jit
+def _logits(model, tokens):
+    return model.logits(tokens)
+
+
+@nnx.jit
+def _extend(model, tokens, cache, positions):
+    return model.extend(tokens, cache, positions=positions)
+
+
+def _decode(model, tokens, pieces):
+    cache = model.init_cache(BATCH, tokens.shape[1])
+    start, outputs = 0, []
+    for length in pieces:
+        positions = jnp.broadcast_to(jnp.arange(start, start + length), (BATCH, length))
+        logits, cache = _extend(model, tokens[:, start : start + length], cache, positions)
+        outputs.append(logits)
+        start += length
+    return jnp.concatenate(outputs, axis=1)
+
+
+@functools.cache
+def _block(kind):
+    return registry.build_block(kind, _config((kind,)), layer_index=0, rngs=nnx.Rngs(0))
+
+
+def _memory(kind) -> NeuralMemory:
+    return _block(kind).memory
+
+
+def test_each_kind_is_its_papers_choice():
+    specs = {kind: _memory(kind).spec for kind in KINDS}
+    assert (specs["atlas"].rule, specs["omeganet"].rule) == ("muon", "gd")
+    for kind in ("atlas", "omeganet"):
+        assert specs[kind].omega_window == 4 and specs[kind].retention == "gated_decay"
+        assert _memory(kind).feature_map.degree == 2
+    moneta = specs["moneta"]
+    assert (moneta.bias, moneta.lp_p, moneta.retention, moneta.lq_q) == ("lp", 3.0, "lq", 4.0)
+    assert (specs["yaad"].bias, specs["yaad"].retention) == ("huber", "gated_decay")
+    assert (specs["memora"].bias, specs["memora"].retention) == ("l2", "kl")
+    for kind in ("moneta", "yaad", "memora"):
+        assert specs[kind].rule == "gd" and specs[kind].omega_window == 1
+        assert _memory(kind).feature_map is None
+    for kind in KINDS:  # all of them the memory-as-a-layer block, the same memory class
+        assert type(_block(kind)).__name__ == "LMMBlock"
+        assert specs[kind].architecture == "mlp" and specs[kind].depth == 2
+    # The per-token inputs each choice needs, and only those.
+    assert set(_memory("yaad").input_names) == {"q", "k", "v", "lr", "g", "huber_delta"}
+    assert "omega_gate" in _memory("atlas").input_names
+    assert "eta" in _memory("atlas").input_names  # Muon orthogonalises a momentum
+    assert "eta" not in _memory("omeganet").input_names
+
+
+@pytest.mark.parametrize("kind", ("atlas",))
+def test_hybrid_with_sliding_window_attention_decodes(kind):
+    model = _model((kind, "swa"))
+    tokens = _tokens()
+    np.testing.assert_allclose(
+        _decode(model, tokens, (1,) * 3 + (6, 1, 1)), _logits(model, tokens), atol=TOL, rtol=TOL
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_4096_tokens_stay_healthy(kind, dtype):
+    """Default options (chunk 16), ordinary inputs, 2 x 2048 tokens: finite outputs, and
+    memory norms that settle instead of drifting (the second half ends within 1.5x of the
+    first). A plateau, not a fixed bound: Moneta's weights W = A / ||A||_4^2 scale as
+    1 / ||A||, so they settle at ~2e3 while the decayed accumulator A settles at ~2e-3
+    (measured; outputs stay of unit size behind the memory's LN)."""
+    config = models.default_config()
+    config.d_model, config.num_heads, config.compute_dtype = WIDTH, 2, dtype
+    block = registry.build_block(kind, config, layer_index=0, rngs=nnx.Rngs(0))
+    memory = block.memory
+    x = jax.random.normal(jax.random.key(2), (1, 2, 2048, WIDTH), jnp.float32)
+
+    @jax.jit
+    def half(x_half, state):
+        inputs, _ = memory.features(block.memory_norm(x_half))
+        output, state = memory.recur(inputs, state)
+        return output, state, memory_norms(state, memory.spec)
+
+    _, state, first = half(x[:, 0], memory.initial_state(1))
+    output, _, second = half(x[:, 1], state)
+    assert bool(jnp.all(jnp.isfinite(output)))
+    for key, value in second.items():
+        assert np.isfinite(float(value)) and np.isfinite(float(first[key])), (kind, key)
+        assert float(value) < 1.5 * float(first[key]), (kind, dtype, key, first, second)
+
+
+@pytest.mark.parametrize(
+    "kind, key, value, message",
+    [
+        ("atlas", "omega_window", 0, "model.atlas.omega_window"),
+        ("atlas", "ns_steps", -1, "model.atlas.ns_steps"),
+        ("atlas", "ns_coefficients", (1.0, 2.0), "model.atlas.ns_coefficients"),
+        ("omeganet", "feature_map", "cubic", "model.omeganet.feature_map"),
+        ("omeganet", "feature_degree", 0, "model.omeganet.feature_degree"),
+        ("moneta", "retention", "forget", "model.moneta.retention"),
+        ("yaad", "bias", "l7", "model.yaad.bias"),
+        ("memora", "rule", "adam", "model.memora.rule"),
+    ],
+)
+def test_bad_options_name_their_key(kind, key, value, message):
+    config = _config((kind,))
+    config[kind][key] = value
+    with pytest.raises(ConfigError, match=message):
+        models.build_model(config, rngs=nnx.Rngs(0))
+
+
+def test_configs_build_memory_and_hybrid_patterns():
+    for module, kinds in ((atlas_configs, ("atlas", "omeganet")), (miras_configs, None)):
+        kinds = kinds or miras_configs.KINDS
+        for kind in kinds:
+            alone, hybrid = module.get_config(kind), module.get_config(f"{kind}_hybrid")
+            assert alone.model.block_pattern == (kind,) and alone.data.name == "mqar"
+            assert hybrid.model.block_pattern == (kind, "swa")
+            assert alone.model[kind].chunk_size == 8
+    with pytest.raises(ConfigError, match="variant"):
+        miras_configs.get_config("titans")
