@@ -27,6 +27,10 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS) tests
 
+# Single-threaded XLA for the timing benchmarks: on 2 shared cores the multi-threaded
+# Eigen pool made the chunked backward much slower (see benchmarks/kernels.py).
+BENCH_XLA := XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
 # Long checks and benchmarks: run by hand (about an hour on 2 CPU cores); results are
 # written to benchmarks/results/. pytest's exit 5 means "no slow tests", which is fine.
 bench: $(STAMP)
@@ -38,7 +42,11 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.optimizer_memory --d_model 768 --num_layers 12 --mlp_dim 2048 \
 	  --vocab_size 32000
 	$(PY) -m benchmarks.optimizer_comparison --steps 300
+	$(BENCH_XLA) $(PY) -m benchmarks.throughput --steps 20
+	$(BENCH_XLA) $(PY) -m benchmarks.layer_cost --lengths=1024,2048,4096,8192,16384,32768 \
+	  --repeats=5 --budget_s=60 --max_memory_gb=4
 	$(PY) -m benchmarks.model_comparison --mqar_steps 500 --text_steps 300
+	$(PY) -m benchmarks.plots
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,31 +1,61 @@
-"""Train every model at the same tiny size and steps on MQAR and on the default text corpus.
+"""Train every model kind at the same size and steps on MQAR and on the default text corpus.
 
-    python -m benchmarks.model_comparison [--mqar_steps 500] [--text_steps 300] [--models gdn,...]
+    python -m benchmarks.model_comparison [--mqar_steps 500] [--text_steps 300]
+        [--models attention,gdn,...] [--no-match_params] [--niah_lengths 64,128]
+
+Per kind (default: every registered block kind, `models.registered_blocks()`):
+
+- MQAR (8 key-value pairs, vocabulary 128, length 64, d_model 64, 2 layers): recall accuracy
+  and loss on the held-out MQAR batches after `--mqar_steps`; then S-NIAH on that model
+  (`evals.recall`, "tokens" format: one key-value pair hidden among random tokens) at
+  `--niah_lengths`, mean accuracy over needle depths 0, 0.25, ..., 1.
+- text (`configs/default.py`: bytes of the Python standard library, d_model 128): held-out
+  bits per byte after `--text_steps` (the held-out cross-entropy in bits; one token is one
+  byte), and training tokens/s (the last logging interval: compile and evaluation excluded).
+- decoding state: bytes of the MQAR model's `init_cache` at batch 1, as fixed + per-token
+  parts (from the cache at two lengths): a KV cache grows with T, a memory state does not.
+
+With `--match_params` (default) each kind's SwiGLU width (`model.mlp_dim`) is chosen so the
+model has as close as possible the parameter count of the Transformer ("attention") of the
+same config; the counts are in the table. The Titans kinds keep `configs/titans.py`'s MQAR
+settings (window 8 / 16-token segments: recall past that must go through the memory) and
+other neural-memory kinds its chunk size 8. One seed: a first look, not a tuned comparison.
 
 Writes `benchmarks/results/model_comparison.{json,md}` after every run, so a partial sweep
-still leaves its rows. MQAR: 8 key-value pairs, vocabulary 128, length 64; text: the default
-config's corpus and sizes. One seed: a first look, not a tuned comparison.
+still leaves its rows.
 """
 
 import argparse
-import datetime
 import json
+import math
 import os
-import platform
 import sys
 import tempfile
 import time
 
+import jax
+import numpy as np
+from flax import nnx
+
+import models
+from benchmarks import layer_cost
 from configs import base, default, mqar, titans
+from evals import common, recall
 from training import config_validation, loop
 
-MODELS = ("attention", "gdn", "linear_attention", "mom", "lmm", "mal", "mag", "mac")
+CACHE_LENGTHS = (1024, 2048)  # two lengths past every default window, for fixed + per token
 
 
 def model_config(kind: str):
     """The kind's MQAR config: `configs/titans.py` for the Titans kinds (short attention
-    window / segments, so recall must go through the memory), `configs/mqar.py` otherwise."""
-    return titans.get_config(kind) if kind in titans.VARIANTS else mqar.get_config(kind)
+    window / segments, so recall must go through the memory), `configs/mqar.py` otherwise;
+    other neural-memory kinds (ATLAS, Miras) get the Titans chunk size."""
+    if kind in titans.VARIANTS:
+        return titans.get_config(kind)
+    config = mqar.get_config(kind)
+    if "architecture" in config.model[kind]:  # a neural (deep) memory kind
+        config.model[kind].chunk_size = 8
+    return config
 
 
 def mqar_config(kind: str, steps: int):
@@ -44,18 +74,80 @@ def text_config(kind: str, steps: int):
     return config
 
 
-def train(config) -> dict:
+def resolved(config):
+    return config_validation.validate(config, base.get_config())
+
+
+def parameter_count(model_config) -> int:
+    abstract = nnx.eval_shape(lambda: models.build_model(model_config, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def match_parameters(config, target: int, multiple: int = 8):
+    """Set model.mlp_dim (a multiple of `multiple`) so the parameter count is nearest
+    `target`; the count is affine in mlp_dim, so two evaluations find the slope."""
+    config = resolved(config)
+    low, high = multiple, 64 * multiple
+    counts = {}
+    for width in (low, high):
+        config.model.mlp_dim = width
+        counts[width] = parameter_count(config.model)
+    slope = (counts[high] - counts[low]) / (high - low)
+    best = low + (target - counts[low]) / slope
+    config.model.mlp_dim = max(multiple, multiple * round(best / multiple))
+    return config
+
+
+def cache_bytes(model_config) -> dict:
+    """Decoding-cache bytes at batch 1 as fixed + per_token * T (from two lengths)."""
+
+    def total(length):
+        def build_cache():
+            model = models.build_model(model_config, rngs=nnx.Rngs(0))
+            return model.init_cache(1, length)
+
+        leaves = jax.tree.leaves(jax.eval_shape(build_cache))
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
+
+    short, long = CACHE_LENGTHS
+    per_token = (total(long) - total(short)) / (long - short)
+    return {"fixed": total(short) - per_token * short, "per_token": per_token}
+
+
+def train(config, workdir: str) -> dict:
     steps = config.train.num_steps
-    config.eval.every_steps = config.checkpoint.every_steps = config.log.every_steps = steps
-    config = config_validation.validate(config, base.get_config())
-    with tempfile.TemporaryDirectory() as workdir:
-        start = time.perf_counter()
-        metrics = loop.run(config, workdir)
+    config.eval.every_steps = config.checkpoint.every_steps = steps
+    config.log.every_steps = max(1, steps // 4)  # the last interval is compile-free
+    start = time.perf_counter()
+    metrics = loop.run(resolved(config), workdir)
     return {
         "eval_loss": metrics["eval_loss"],
         "eval_accuracy": metrics["eval_accuracy"],
+        "bits_per_token": metrics["eval_loss"] / math.log(2),
+        "tokens_per_second": metrics.get("tokens_per_second"),
         "seconds": time.perf_counter() - start,
     }
+
+
+def niah_accuracy(workdir: str, lengths, num_examples: int) -> dict:
+    """S-NIAH (evals.recall) on the model saved in `workdir`: mean accuracy over the grid."""
+    restored = common.restore(workdir)
+    result = recall.run_task(
+        "niah",
+        restored.model,
+        restored.config,
+        context_lengths=lengths,
+        num_examples=num_examples,
+    )
+    cells = result["cells"]
+    return {
+        "accuracy": float(np.mean([c["accuracy"] for c in cells])) if cells else None,
+        "cells": cells,
+    }
+
+
+def _fmt(value, fmt):
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt % value
 
 
 def write(rows, header, out):
@@ -65,42 +157,89 @@ def write(rows, header, out):
     lines = [
         f"{header['machine']}; {header['date']}; `{header['command']}`",
         "",
-        "| model | MQAR recall accuracy | MQAR held-out loss | text held-out loss (nats/byte) "
-        "| wall s (MQAR + text) |",
-        "|---|---|---|---|---|",
+        "| model | parameters (MQAR / text) | MQAR recall | MQAR loss | S-NIAH accuracy "
+        "| text bits/byte | text tokens/s | cache bytes fixed | cache bytes per token "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         mqar_row, text_row = row.get("mqar", {}), row.get("text", {})
-        accuracy = f"{100 * mqar_row['eval_accuracy']:.1f}%" if mqar_row else ""
+        niah_row, cache = row.get("niah", {}), row.get("cache", {})
+        seconds = mqar_row.get("seconds", 0) + text_row.get("seconds", 0)
+        accuracy = mqar_row.get("eval_accuracy")
+        niah = niah_row.get("accuracy")
         lines.append(
-            f"| {row['model']} | {accuracy} | {mqar_row.get('eval_loss', float('nan')):.3f} | "
-            f"{text_row.get('eval_loss', float('nan')):.3f} | "
-            f"{mqar_row.get('seconds', 0) + text_row.get('seconds', 0):.0f} |"
+            f"| {row['model']} | {row.get('parameters_mqar', '')} / "
+            f"{row.get('parameters_text', '')} | "
+            f"{_fmt(None if accuracy is None else 100 * accuracy, '%.1f%%')} | "
+            f"{_fmt(mqar_row.get('eval_loss'), '%.3f')} | "
+            f"{_fmt(None if niah is None else 100 * niah, '%.1f%%')} | "
+            f"{_fmt(text_row.get('bits_per_token'), '%.3f')} | "
+            f"{_fmt(text_row.get('tokens_per_second'), '%.0f')} | "
+            f"{_fmt(cache.get('fixed'), '%.0f')} | {_fmt(cache.get('per_token'), '%.0f')} | "
+            f"{seconds:.0f} |"
         )
     with open(os.path.join(out, "model_comparison.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
+def compare(kind: str, args, targets: dict, rows: list, header: dict) -> None:
+    """Train and evaluate one kind, writing the results after each stage."""
+    mqar_run = mqar_config(kind, args.mqar_steps)
+    text_run = text_config(kind, args.text_steps)
+    if args.match_params:
+        mqar_run = match_parameters(mqar_run, targets["mqar"])
+        text_run = match_parameters(text_run, targets["text"])
+    mqar_run, text_run = resolved(mqar_run), resolved(text_run)
+    row = {
+        "model": kind,
+        "parameters_mqar": parameter_count(mqar_run.model),
+        "parameters_text": parameter_count(text_run.model),
+        "mlp_dim_mqar": mqar_run.model.mlp_dim,
+        "mlp_dim_text": text_run.model.mlp_dim,
+        "cache": cache_bytes(mqar_run.model),
+    }
+    rows.append(row)
+    with tempfile.TemporaryDirectory() as workdir:
+        row["mqar"] = train(mqar_run, workdir)
+        write(rows, header, args.out)
+        if args.niah_lengths:
+            row["niah"] = niah_accuracy(workdir, args.niah_lengths, args.niah_examples)
+            write(rows, header, args.out)
+    with tempfile.TemporaryDirectory() as workdir:
+        row["text"] = train(text_run, workdir)
+    write(rows, header, args.out)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mqar_steps", type=int, default=500)
     parser.add_argument("--text_steps", type=int, default=300)
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(models.registered_blocks()))
+    parser.add_argument("--match_params", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--niah_lengths", type=common.int_list, default=[64, 128], help="empty: no S-NIAH"
+    )
+    parser.add_argument("--niah_examples", type=int, default=64)
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     args = parser.parse_args(argv)
-    header = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "date": datetime.date.today().isoformat(),
-        "command": "python -m benchmarks.model_comparison " + " ".join(sys.argv[1:]),
+    kinds = [kind for kind in args.models.split(",") if kind]
+    unknown = sorted(set(kinds) - set(models.registered_blocks()))
+    if unknown:
+        parser.error(f"--models: unknown kinds {unknown} (see models.registered_blocks())")
+    header = layer_cost.run_header("benchmarks.model_comparison", argv)
+    header["settings"] = vars(args) | {"out": str(args.out)}
+    targets = {
+        "mqar": parameter_count(resolved(mqar_config("attention", 1)).model),
+        "text": parameter_count(resolved(text_config("attention", 1)).model),
     }
+    header["target_parameters"] = targets
     rows = []
-    for kind in args.models.split(","):
-        row = {"model": kind, "mqar": train(mqar_config(kind, args.mqar_steps))}
-        rows.append(row)
-        write(rows, header, args.out)
-        row["text"] = train(text_config(kind, args.text_steps))
-        write(rows, header, args.out)
+    for kind in kinds:
+        compare(kind, args, targets, rows, header)
     print(open(os.path.join(args.out, "model_comparison.md")).read())
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""Smoke tests of benchmarks.throughput and benchmarks.model_comparison at tiny sizes:
+the FLOP estimate and cache sizes against hand counts, parameter matching, and one short
+end-to-end comparison row (no timing or accuracy is asserted)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import model_comparison, plots, throughput
+
+
+def _resolved_mqar(kind):
+    return model_comparison.resolved(model_comparison.mqar_config(kind, 1))
+
+
+def test_estimated_flops_count_matmul_parameters_and_attention():
+    config = _resolved_mqar("attention")  # d_model 64, 2 layers, 2 heads, T 64, tied
+    count = model_comparison.parameter_count(config.model)
+    abstract = {"w": jax.ShapeDtypeStruct((count,), np.float32)}
+    estimate = throughput.estimated_flops_per_token(config, abstract)
+    # 6 N (tied: the embedding is the output matmul) + 12 * layers * (heads*head_dim) * T.
+    assert estimate["flops_per_token"] == 6 * count + 12 * 2 * 64 * 64
+    config = _resolved_mqar("gdn")
+    count = model_comparison.parameter_count(config.model)
+    abstract = {"w": jax.ShapeDtypeStruct((count,), np.float32)}
+    assert throughput.estimated_flops_per_token(config, abstract)["flops_per_token"] == 6 * count
+
+
+def test_cache_bytes_split_fixed_and_per_token():
+    # Attention: per layer, key + value [T, 64] float32 and int32 positions per token.
+    cache = model_comparison.cache_bytes(_resolved_mqar("attention").model)
+    assert cache == {"fixed": 0, "per_token": 2 * (2 * 64 * 4 + 4)}
+    # Sliding window 256: a ring buffer of 256 slots, nothing per token past the window.
+    cache = model_comparison.cache_bytes(_resolved_mqar("swa").model)
+    assert cache == {"fixed": 256 * 2 * (2 * 64 * 4 + 4), "per_token": 0}
+    cache = model_comparison.cache_bytes(_resolved_mqar("gdn").model)
+    assert cache["per_token"] == 0 and cache["fixed"] > 0
+
+
+def test_match_parameters_lands_within_one_mlp_step():
+    target = model_comparison.parameter_count(_resolved_mqar("attention").model)
+    config = model_comparison.match_parameters(model_comparison.mqar_config("gdn", 1), target)
+    # One step of mlp_dim (8) changes 3 SwiGLU matrices of d_model 64 in each of 2 layers.
+    step = 3 * 64 * 8 * 2
+    assert abs(model_comparison.parameter_count(config.model) - target) <= step / 2
+
+
+def test_throughput_row(tmp_path):
+    rows = throughput.main(
+        ["--models=attention", "--sizes=tiny", "--steps=1", "--peak_flops=1e9", f"--out={tmp_path}"]
+    )
+    (row,) = rows
+    assert row["tokens_per_step"] == 32 * 64 and row["tokens_per_second"] > 0
+    assert row["mfu_estimated"] > 0
+    assert json.loads((tmp_path / "throughput_cpu.json").read_text())["peak_flops"] == 1e9
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_model_comparison_row_and_plot(tmp_path):
+    rows = model_comparison.main(
+        [
+            "--models=attention",
+            "--mqar_steps=2",
+            "--text_steps=2",
+            "--niah_lengths=16",
+            "--niah_examples=2",
+            f"--out={tmp_path}",
+        ]
+    )
+    (row,) = rows
+    assert 0 <= row["mqar"]["eval_accuracy"] <= 1 and 0 <= row["niah"]["accuracy"] <= 1
+    assert row["text"]["bits_per_token"] > 0 and row["text"]["tokens_per_second"] > 0
+    assert (
+        row["parameters_mqar"]
+        == json.loads((tmp_path / "model_comparison.json").read_text())["target_parameters"]["mqar"]
+    )
+    assert "| attention |" in (tmp_path / "model_comparison.md").read_text()
+    assert plots.plot_all(tmp_path) == [tmp_path / "model_comparison.png"]
