@@ -24,8 +24,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two pytest workers: most of a test's time is single-threaded XLA compilation.
 test: lint
-	$(PY) -m pytest -q -m "not slow" --durations=10 $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow" -n 2 --durations=10 $(PYTEST_ARGS) tests
 
 # Single-threaded XLA for the timing benchmarks: on 2 shared cores the multi-threaded
 # Eigen pool made the chunked backward much slower (see benchmarks/kernels.py).

@@ -32,7 +32,8 @@ Departures and our choices (the papers give ablations, not single values, or siz
 larger than this codebase's tests and CPU runs): Omega window c = 4 and polynomial degree
 p = 2 (the smallest that adds a term) with learnable coefficients initialised to 1/i!
 (`layers.feature_maps`); the Omega gates γ_i are a sigmoid of the token (init 1/2);
-Yaad's δ_t = softplus(x W_δ + b) (init √head_dim, the size of a typical error at init);
+Yaad's δ_t = softplus(x W_δ + b) (init 2√head_dim, twice a typical error at init: see
+`layers.neural_memory` for why not √head_dim);
 Newton-Schulz with Muon's 5 steps and (3.4445, -4.7750, 2.0315); Memora's initial
 log-weights N(0, 1) (`layers.neural_memory.log_probability_init`). The chunk-parallel
 training form takes each gradient at the chunk-start memory (Titans §3.2), as for every
