@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.linear_memory import chunked, gpu, reference, tpu
 from pallas_kernels.linear_memory.block_sizes import default_block_sizes
+from pallas_kernels.platforms import backend_platform, forced_kernel_platform, is_power_of_2
 
 IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_tpu", "pallas_gpu")
 _PALLAS_IMPLS = ("pallas", "pallas_tpu", "pallas_gpu")
@@ -54,10 +55,6 @@ _kernels = {
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-def _is_power_of_2(n):
-    return n > 0 and n & (n - 1) == 0
-
-
 def kernel_rejects(platform, key_dim, value_dim, chunk_size, dtypes):
     """Why a kernel cannot take these shapes / dtypes (None if it can).
 
@@ -70,7 +67,7 @@ def kernel_rejects(platform, key_dim, value_dim, chunk_size, dtypes):
     if platform == "tpu":
         return None if chunk_size % 16 == 0 else f"chunk_size={chunk_size} (a multiple of 16)"
     for name, size in (("chunk_size", chunk_size), ("Dk", key_dim), ("Dv", value_dim)):
-        if not (_is_power_of_2(size) and size >= 16):
+        if not (is_power_of_2(size) and size >= 16):
             return f"{name}={size} (a power of 2, at least 16)"
     return None
 
@@ -84,19 +81,9 @@ def _auto_covers(platform, key_dim, value_dim, chunk_size):
     return key_dim <= 128 and value_dim <= 128 and chunk_size <= 64
 
 
-def _backend_platform():
-    """The kernel platform of the default backend: "tpu", "gpu", or None (CPU, others)."""
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return "tpu"
-    if backend in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    return None
-
-
 def kernel_for_auto(q, k, v, chunk_size):
     """Platform of the kernel impl="auto" uses for these inputs, or None (use chunked)."""
-    platform = _backend_platform()
+    platform = backend_platform()
     if platform is None:
         return None
     key_dim, value_dim = q.shape[-1], v.shape[-1]
@@ -104,23 +91,6 @@ def kernel_for_auto(q, k, v, chunk_size):
     if kernel_rejects(platform, key_dim, value_dim, chunk_size, dtypes) is not None:
         return None
     return platform if _auto_covers(platform, key_dim, value_dim, chunk_size) else None
-
-
-def _forced_kernel(impl, interpret):
-    """Platform of the kernel an explicit impl="pallas*" asks for."""
-    if impl == "pallas_tpu":
-        return "tpu"
-    if impl == "pallas_gpu":
-        return "gpu"
-    platform = _backend_platform()
-    if platform is None:
-        if not interpret:
-            raise ValueError(
-                f"impl='pallas' on backend {jax.default_backend()!r}: no Pallas kernel; "
-                "pass interpret=True, or use impl='chunked'"
-            )
-        platform = "tpu"
-    return platform
 
 
 def _shape_error(name, shape, expected):
@@ -184,7 +154,7 @@ def _run(
     common = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
     platform = None
     if impl in _PALLAS_IMPLS:
-        platform = _forced_kernel(impl, interpret)
+        platform = forced_kernel_platform(impl, interpret)
         dtypes = (q.dtype, k.dtype, v.dtype)
         reason = kernel_rejects(platform, q.shape[-1], v.shape[-1], chunk_size, dtypes)
         if reason is not None:

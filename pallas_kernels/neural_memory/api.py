@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from pallas_kernels.neural_memory import chunked, kernel_api, reference
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState
 from pallas_kernels.neural_memory.choices_miras import empty_window
+from pallas_kernels.platforms import forced_kernel_platform
 
 IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_tpu", "pallas_gpu")
 
@@ -146,18 +147,7 @@ def _kernel_platform(impl, interpret, spec, q, k, v, chunk_size):
         return None if interpret else kernel_api.kernel_platform_for_auto(spec, q, k, v, chunk_size)
     if not impl.startswith("pallas"):
         return None
-    if impl == "pallas":
-        backend = jax.default_backend()
-        platform = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(backend)
-        if platform is None:
-            if not interpret:
-                raise ValueError(
-                    f"impl='pallas' on backend {backend!r}: no Pallas kernel; pass "
-                    "interpret=True, or use impl='chunked'"
-                )
-            platform = "tpu"
-    else:
-        platform = impl.removeprefix("pallas_")
+    platform = forced_kernel_platform(impl, interpret)
     dtypes = (q.dtype, k.dtype, v.dtype)
     reason = kernel_api.kernel_rejects(spec, platform, q.shape[-1], v.shape[-1], chunk_size, dtypes)
     if reason is not None:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.neural_memory import gpu, kernel_math, tpu
 from pallas_kernels.neural_memory.block_sizes import default_block_sizes
+from pallas_kernels.platforms import backend_platform, is_power_of_2
 
 _KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 # The spec fields the kernels hard-wire, with the only value they implement.
@@ -35,10 +36,6 @@ _recurrences = {
     "tpu": jax.jit(tpu.recurrence, static_argnums=(0,), static_argnames=_STATIC),
     "gpu": jax.jit(gpu.recurrence, static_argnums=(0,), static_argnames=_STATIC),
 }
-
-
-def _is_power_of_2(n):
-    return n > 0 and n & (n - 1) == 0
 
 
 def kernel_rejects(spec, platform, key_dim, value_dim, chunk_size, dtypes):
@@ -65,7 +62,7 @@ def kernel_rejects(spec, platform, key_dim, value_dim, chunk_size, dtypes):
         return None if chunk_size % tile == 0 else f"chunk_size={chunk_size} (a multiple of {tile})"
     hidden = spec.expansion * key_dim
     for name, size in (("chunk_size", chunk_size), ("D", key_dim), ("E·D", hidden)):
-        if not (_is_power_of_2(size) and size >= 16):
+        if not (is_power_of_2(size) and size >= 16):
             return f"{name}={size} (a power of 2, at least 16)"
     return None
 
@@ -81,18 +78,9 @@ def _auto_covers(spec, platform, dim, chunk_size):
     return dim <= 32 and hidden <= 128 and chunk_size <= 64
 
 
-def _backend_platform():
-    backend = jax.default_backend()
-    if backend == "tpu":
-        return "tpu"
-    if backend in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    return None
-
-
 def kernel_platform_for_auto(spec, q, k, v, chunk_size):
     """Platform of the kernel impl="auto" uses for these inputs, or None (run chunked)."""
-    platform = _backend_platform()
+    platform = backend_platform()
     if platform is None:
         return None
     dim = q.shape[-1]

@@ -53,7 +53,7 @@ def test_forced_kernel_refuses_other_choices_and_inputs():
 def test_auto_runs_a_kernel_only_where_covered(monkeypatch, backend, extra, runs_kernel):
     """D=16, chunk 16: the GPU kernel's auto range (D <= 32); TPU's auto wants D in {64, 128}.
     An omega_gate input always goes to chunked (the kernels do not implement it)."""
-    monkeypatch.setattr(kernel_api.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
     calls = []
     monkeypatch.setattr(kernel_api, "run_kernel", lambda *a, **kw: calls.append(kw) or (0, 0))
     inputs = make_inputs(0, batch=1, length=8, heads=1, dim=16)
