@@ -24,7 +24,10 @@ Retentions (the memory is stored as `stored`; the network runs on `effective(sto
          holds log-probabilities P_t = log_softmax(alpha_t P_{t-1} + U_t); W = c exp(P).
          The softmax runs over the input axis d_in of each [d_in, d_out] matrix (each output
          unit reads a c-scaled convex combination of its inputs); the paper says "per
-         slice" without fixing the axis. c = MemorySpec.kl_scale.
+         slice" without fixing the axis. c = MemorySpec.kl_scale. Each column being an
+         average of the input, an MLP memory's last pre-activation varies little across
+         features, and its parameter-free LN amplifies what is left: at c = 1 Memora
+         learned little on text (benchmarks/results/model_comparison.md).
 
 Rule muon (ATLAS's "Atlas" update, the Omega rule optimised with Muon): the momentum is
 S_t = eta_t S_{t-1} - u_t and the memory adds theta_t NS_k(S_t), Newton-Schulz with the
