@@ -20,10 +20,10 @@ from configs import atlas as atlas_configs
 from configs import miras as miras_configs
 from layers.neural_memory import NeuralMemory, memory_norms
 from models import registry
+from tests.models.test_titans import BATCH, VOCAB, WIDTH, _extend, _logits, _tokens
 from training.errors import ConfigError
 
 KINDS = ("atlas", "omeganet", "moneta", "yaad", "memora")
-BATCH, VOCAB, WIDTH, LENGTH = 2, 32, 32, 11
 # float32: cached decoding and the full forward compute the same sums in another order
 # (padding contributes exact zeros), so logits of size ~5 agree to ~1e-6.
 TOL = 1e-5
@@ -47,20 +47,6 @@ def _config(pattern, **options):
 @functools.cache
 def _model(pattern, options=()):
     return models.build_model(_config(pattern, **dict(options)), rngs=nnx.Rngs(0))
-
-
-def _tokens(length=LENGTH, seed=1):
-    return jax.random.randint(jax.random.key(seed), (BATCH, length), 0, VOCAB, jnp.int32)
-
-
-@nnx.jit
-def _logits(model, tokens):
-    return model.logits(tokens)
-
-
-@nnx.jit
-def _extend(model, tokens, cache, positions):
-    return model.extend(tokens, cache, positions=positions)
 
 
 def _decode(model, tokens, pieces):

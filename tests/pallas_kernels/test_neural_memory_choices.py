@@ -30,15 +30,8 @@ from pallas_kernels.neural_memory import (
 )
 from pallas_kernels.neural_memory.choices_miras import empty_window
 
-BATCH, HEADS, DIM = 2, 2, 8
-# float32: chunked vs reference differ only by rounding (different summation order),
-# amplified a little by the recurrence; 1e-5 relative to the largest value.
-F32_TOL = 1e-5
-# float64: the same comparisons check the algebra; any formula error shows as >1e-6.
-F64_TOL = 1e-10
-# Gradients pass through the LN / recurrence Jacobians once more: 1e-4 relative to the
-# largest entry of each gradient in float32 (as in test_neural_memory.py).
-GRAD_TOL = 1e-4
+# Shapes and tolerances (fixed once, with their reasons) shared with the Titans tests.
+from tests.pallas_kernels.test_neural_memory import BATCH, DIM, F32_TOL, F64_TOL, GRAD_TOL, HEADS
 
 MODELS = {  # the combinations the Miras / ATLAS models use
     "moneta": MemorySpec(bias="lp", lp_p=3.0, retention="lq", lq_q=4.0, rule="gd"),
