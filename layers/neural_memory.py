@@ -67,12 +67,10 @@ DECAY_BIAS_INIT = -4.0
 # gradient: 300 steps of configs/default.py ended at 3.15 nats/byte, against 1.48 at
 # 2 sqrt(head_dim). δ only learns from tokens in the linear regime. The floor keeps δ > 0
 # when softplus underflows.
+HUBER_DELTA_INIT_SCALE = 2.0
 HUBER_DELTA_MIN = 1e-4
 # Omega gates γ = sigmoid(0) = 1/2 at init: every token of the window counts the same.
 OMEGA_GATE_BIAS_INIT = 0.0
-
-
-HUBER_DELTA_INIT_SCALE = 2.0
 
 
 def huber_bias_init(head_dim: int) -> float:
