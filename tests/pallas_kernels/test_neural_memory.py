@@ -79,7 +79,7 @@ def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, dim=DIM, batch=BATCH):
 def max_relative_error(actual, expected):
     """max |a - e| over every leaf, relative to the largest |e| (at least 1)."""
     errors, scales = [], []
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         assert a.shape == e.shape
         errors.append(np.max(np.abs(a - e)))

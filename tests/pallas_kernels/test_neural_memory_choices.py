@@ -31,7 +31,15 @@ from pallas_kernels.neural_memory import (
 from pallas_kernels.neural_memory.choices_miras import empty_window
 
 # Shapes and tolerances (fixed once, with their reasons) shared with the Titans tests.
-from tests.pallas_kernels.test_neural_memory import BATCH, DIM, F32_TOL, F64_TOL, GRAD_TOL, HEADS
+from tests.pallas_kernels.test_neural_memory import (
+    BATCH,
+    DIM,
+    F32_TOL,
+    F64_TOL,
+    GRAD_TOL,
+    HEADS,
+    max_relative_error,
+)
 
 MODELS = {  # the combinations the Miras / ATLAS models use
     "moneta": MemorySpec(bias="lp", lp_p=3.0, retention="lq", lq_q=4.0, rule="gd"),
@@ -92,17 +100,6 @@ def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, batch=BATCH):
             window["huber_delta"] = 2.0 + 3.0 * jax.nn.sigmoid(window["huber_delta"])
     state = NeuralMemoryState(weights, state_momentum, window)
     return (q, k, v, lr, momentum, log_decay, state), extras
-
-
-def max_relative_error(actual, expected):
-    """max |a - e| over every leaf, relative to the largest |e| (at least 1)."""
-    errors, scales = [], []
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        assert a.shape == e.shape
-        errors.append(np.max(np.abs(a - e)))
-        scales.append(np.max(np.abs(e)))
-    return max(errors) / max(1.0, max(scales))
 
 
 def run_exact(spec, args, extras):
