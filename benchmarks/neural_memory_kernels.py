@@ -23,14 +23,13 @@ import json
 import os
 import pathlib
 import platform as host
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.kernels import median_seconds
 from pallas_kernels.neural_memory import chunked, kernel_api
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState
 
@@ -84,16 +83,6 @@ def make_functions(spec, impl, chunk_size, interpret):
     return jax.jit(forward), jax.jit(jax.grad(loss, argnums=tuple(range(7))))
 
 
-def median_seconds(fn, inputs, repeats):
-    jax.block_until_ready(fn(*inputs))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*inputs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def kernel_platform(spec, args):
     """The kernel this backend can run for these shapes, or None (with the reason)."""
     backend = jax.default_backend()
@@ -124,7 +113,8 @@ def run(args, spec, platform):
             )
             for mode, fn in zip(MODES, functions):
                 print(f"T={length} {impl} {mode}", file=sys.stderr, flush=True)
-                row[f"{impl}_{mode}_ms"] = 1e3 * median_seconds(fn, inputs, args.repeats)
+                call = lambda xs, fn=fn: fn(*xs)  # noqa: E731  (median_seconds passes one tuple)
+                row[f"{impl}_{mode}_ms"] = 1e3 * median_seconds(call, inputs, args.repeats)
         for mode in MODES:
             base, kernel = row[f"chunked_{mode}_ms"], row[f"kernel_{mode}_ms"]
             row[f"kernel_speedup_{mode}"] = base / kernel if kernel else None
