@@ -117,13 +117,16 @@ class Retention:
     Every retention here keeps exp(g_t) x stored (`retain`) and adds the rule's update; they
     differ in what is stored and how the network reads it:
       effective_weights(stored, spec): the weights M(.) runs on (identity for gated_decay);
-      after_update(stored): a projection after adding the update (kl's log_softmax);
+      after_update(stored): a projection after adding the update that must leave
+        effective_weights unchanged (kl's log_softmax, a per-column shift under softmax),
+        so a chunk form may apply it only at the chunk end;
       gradient_at_retained: True: u_t at exp(g_t) M_{t-1} (gated_decay, as Gated DeltaNet);
         False: at the previous weights W_{t-1} = effective(stored_{t-1}) (lq, kl: the
         papers' eqs. 24 and 27). In a chunk the former becomes Gamma_t M_{c0} (decayed
         chunk-start memory), the latter W_{c0}.
-      linear: the chunk is linear in the stored memory (only gated_decay); otherwise
-        `chunked_materialised` runs it.
+      linear: the network reads the stored memory itself (only gated_decay), so the chunk
+        runs in `chunked.chunk_step`'s attention-like form without materialising per-token
+        weights; otherwise `chunked_materialised` runs it.
     """
 
     name: str
@@ -204,7 +207,11 @@ class LearningRule:
     """The optimiser the memory runs on its inner loss (Titans eqs. 9-10, 13-14; ATLAS).
 
     chunk_coefficients is None for a rule that is not linear in the gradients (muon); such
-    a rule runs in `chunked_materialised`. `options(spec)` as for `AttentionalBias`.
+    a rule runs in `chunked_materialised`. There, `update_from_momentum` (momentum leaves
+    [..., b, m, n], lr [..., b]) -> update leaves, given for a rule whose momentum is linear
+    in the raw gradients (S_t = eta_t S_{t-1} - u_t) and whose update is a per-token map of
+    S_t (muon's theta_t NS(S_t)), lets a chunk with linear retention run without a per-token
+    scan. `options(spec)` as for `AttentionalBias`.
     """
 
     name: str
@@ -212,6 +219,7 @@ class LearningRule:
     token_update: Callable  # (momentum, grads, lr [...], eta [...]) -> (momentum, update)
     chunk_coefficients: Callable | None  # (transfer [..., b, b], eta [..., b]) -> Coefficients
     options: Callable | None = None
+    update_from_momentum: Callable | None = None
 
 
 def _per_token(scalar):
@@ -235,18 +243,23 @@ def momentum_update(momentum, grads, lr, eta):
     return new, new
 
 
-def momentum_chunk(transfer, eta):
-    """C = A P and D = A E, with P[j, i] = prod_{m=i+1..j} eta_m (j >= i) and E_j = P[j, -1].
-
-    M_t = Gamma_t M0 + sum_{j<=t} A[t, j] S_j and S_j = E_j S0 + sum_{i<=j} P[j, i] w_i.
-    Products come from a masked cumulative product (no division), so eta = 0 is exact.
-    """
+def momentum_transfer(eta):
+    """P[j, i] = prod_{m=i+1..j} eta_m (j >= i, else 0) and E_j = prod_{m<=j} eta_m: the
+    momentum S_j = eta_j S_{j-1} + w_j of a chunk is E_j S0 + sum_{i<=j} P[j, i] w_i.
+    Products come from a masked cumulative product (no division), so eta = 0 is exact."""
     size = eta.shape[-1]
     strictly_below = jnp.tril(jnp.ones((size, size), bool), k=-1)  # [m, i]: m > i
     factors = jnp.where(strictly_below, eta[..., :, None], 1.0)
     causal = jnp.tril(jnp.ones((size, size), bool))
-    momentum_update_coeff = jnp.where(causal, jnp.cumprod(factors, axis=-2), 0.0)
-    momentum_carried = jnp.cumprod(eta, axis=-1)
+    return jnp.where(causal, jnp.cumprod(factors, axis=-2), 0.0), jnp.cumprod(eta, axis=-1)
+
+
+def momentum_chunk(transfer, eta):
+    """C = A P and D = A E, with P and E from `momentum_transfer`.
+
+    M_t = Gamma_t M0 + sum_{j<=t} A[t, j] S_j and S_j = E_j S0 + sum_{i<=j} P[j, i] w_i.
+    """
+    momentum_update_coeff, momentum_carried = momentum_transfer(eta)
     update = transfer @ momentum_update_coeff
     carried = jnp.einsum("...tj,...j->...t", transfer, momentum_carried)
     return ChunkCoefficients(update, carried, momentum_update_coeff, momentum_carried)
@@ -261,6 +274,7 @@ LEARNING_RULES = {
         miras.muon_update,
         None,
         options=lambda spec: {"steps": spec.ns_steps, "coefficients": spec.ns_coefficients},
+        update_from_momentum=miras.muon_update_from_momentum,
     ),
 }
 
@@ -356,7 +370,10 @@ class MemorySpec:
 
     @property
     def learning_rule(self) -> LearningRule:
-        return _bind(LEARNING_RULES[self.rule], self, "token_update")
+        rule = LEARNING_RULES[self.rule]
+        if rule.update_from_momentum is None:
+            return _bind(rule, self, "token_update")
+        return _bind(rule, self, "token_update", "update_from_momentum")
 
     @property
     def linear_in_chunk(self) -> bool:

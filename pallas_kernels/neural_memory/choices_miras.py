@@ -144,13 +144,17 @@ def newton_schulz(matrix, steps, coefficients, eps=1e-7):
     return jnp.swapaxes(x, -1, -2) if transposed else x
 
 
+def muon_update_from_momentum(momentum, lr, *, steps, coefficients):
+    """theta_t NS_k(S_t) on every leaf; any leading dims (one token, or a chunk's b tokens)."""
+    return jax.tree.map(
+        lambda s: lr[..., None, None] * newton_schulz(s, steps, coefficients), momentum
+    )
+
+
 def muon_update(momentum, grads, lr, eta, *, steps, coefficients):
     """ATLAS's Muon rule: S_t = eta_t S_{t-1} - u_t; the memory adds theta_t NS_k(S_t)."""
     new = jax.tree.map(lambda s, u: eta[..., None, None] * s - u, momentum, grads)
-    update = jax.tree.map(
-        lambda s: lr[..., None, None] * newton_schulz(s, steps, coefficients), new
-    )
-    return new, update
+    return new, muon_update_from_momentum(new, lr, steps=steps, coefficients=coefficients)
 
 
 # ---------------------------------------------------------------------- the Omega window

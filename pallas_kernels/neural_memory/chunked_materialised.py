@@ -1,31 +1,39 @@
-"""Chunk step for the choices that are not linear in the memory: lq and kl retention (Miras
-eqs. 24, 27: the weights are a non-linear map of an accumulator / log-probabilities) and the
-muon rule (ATLAS: Newton-Schulz of the momentum). Any other choice runs here too (the tests
-hold it to the linear form on Titans' choices).
+"""Chunk step for the choices whose memory is not linear in the stored state: lq and kl
+retention (Miras eqs. 24, 27: the weights are a non-linear map of an accumulator / of
+log-probabilities) and the muon rule (ATLAS: Newton-Schulz of the momentum). Any other
+choice runs here too (the tests hold it to the linear form on Titans' choices).
 
-  1. The expensive part, in parallel: every gradient of the chunk (with its Omega window) at
-     the chunk-start point -- gamma_t M_{c0} for gated_decay, W_{c0} = effective(M_{c0}) for
-     lq / kl -- by one forward and hand backprop over the chunk (`chunked_gradients`), summed
-     into per-token gradients u_s, materialised as [B, H, b, d_in, d_out] leaves.
-  2. A cheap per-token pass (`lax.scan` over the b tokens) runs the exact retention and rule
-     on those gradients: elementwise updates, plus the k Newton-Schulz matmuls of muon. No
-     memory network is evaluated in it.
+  1. Every gradient of the chunk (with its Omega window) at the chunk-start point --
+     gamma_t M_{c0} for gated_decay, W_{c0} = effective(M_{c0}) for lq / kl -- by one
+     forward and hand backprop over the chunk (`chunked_gradients`), summed into per-token
+     gradients u_s, materialised as [B, H, b, d_in, d_out] leaves.
+  2. Every token's stored state, all at once (`token_states`). What is *stored* follows a
+     linear recurrence in every choice -- retention keeps exp(g_t) x stored and the rule adds
+     its update -- so the b states are [b, b] coefficient matrices applied to the b updates.
+     The non-linear parts are per-token maps of linear quantities: muon's update
+     theta_t NS(S_t) of a momentum linear in the gradients (one batch of b Newton-Schulz
+     maps), lq's and kl's effective weights of the stored state (step 3).
   3. Every token is read with its own effective weights W_t (the b per-token weights are
      materialised, [B, H, b, d_in, d_out] per layer).
+
+kl's log_softmax after each update (`Retention.after_update`) shifts every column of the
+stored log-probabilities by a constant, which softmax ignores; so inside a chunk the
+unnormalised sums are kept, and normalised once, at the state handed to the next chunk.
+Same weights as normalising every token; the sums stay bounded as the chunk start is
+normalised and a chunk adds only b updates.
 
 Departures from Miras §5.4 (its parallel training of Moneta / Memora): the paper applies
 Moneta's normalisation only at chunk ends and linearises Memora inside a chunk (softmax and
 log only at a "lag" token at the chunk start, additive updates after it); here only the
 gradient point is frozen at the chunk start -- the approximation every chunked choice makes
-(Titans §3.2) -- and the lq map / the log-space softmax run exactly at every token, so
-chunk_size 1 is the exact token rule and the chunk form is held to `reference.
-chunk_start_scan`.
+(Titans §3.2) -- and the lq map / the softmax run exactly at every token, so chunk_size 1 is
+the exact token rule and the chunk form is held to `reference.chunk_start_scan`.
 """
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.neural_memory.choices import NeuralMemoryState
+from pallas_kernels.neural_memory.choices import NeuralMemoryState, momentum_transfer
 from pallas_kernels.neural_memory.chunked_gradients import (
     gradient_factors,
     per_entry,
@@ -37,45 +45,88 @@ from pallas_kernels.neural_memory.chunked_gradients import (
 def chunk_step(spec, state: NeuralMemoryState, chunk: dict, last):
     """One chunk, any choices (as `chunked.chunk_step`) -> (state after `last`, o [B, H, b, Dv])."""
     architecture, retention = spec.memory_architecture, spec.retention_rule
-    rule = spec.learning_rule
     names = architecture.layer_names
-    log_decay = chunk["g"]
 
     entries = window_entries(spec, state.window, chunk, last)
     if retention.gradient_at_retained:  # gamma_t M_{c0}: each weight scaled per token
         point = state.weights
-        scale = per_entry(spec, jnp.exp(jnp.cumsum(log_decay, axis=-1)))[..., None]
+        scale = per_entry(spec, jnp.exp(jnp.cumsum(chunk["g"], axis=-1)))[..., None]
     else:  # W_{c0}
         point, scale = spec.effective_weights(state.weights), 1.0
     factors = gradient_factors(spec, point, entries, scale)
     gradients = per_token_gradients(spec, factors, names)
 
-    def token_step(carry, token):
-        stored, momentum = carry
-        gradient, lr, eta, g, index = token
-        retained = retention.retain(stored, g)
-        new_momentum, update = rule.token_update(momentum, gradient, lr, eta)
-        new_stored = retention.after_update(jax.tree.map(jnp.add, retained, update))
-        # Tokens after `last` (padding) leave the carried state alone; their outputs are
-        # discarded by the caller.
-        keep = index <= last
-        stored = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_stored, stored)
-        momentum = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_momentum, momentum)
-        return (stored, momentum), spec.effective_weights(new_stored)
+    stored_per_token, momentum_per_token = token_states(spec, state, gradients, chunk)
 
-    chunk_size = log_decay.shape[-1]
-    tokens = (
-        jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), gradients),
-        jnp.moveaxis(chunk["lr"], -1, 0),
-        None if chunk.get("eta") is None else jnp.moveaxis(chunk["eta"], -1, 0),
-        jnp.moveaxis(log_decay, -1, 0),
-        jnp.arange(chunk_size),
-    )
-    (stored, momentum), weights = jax.lax.scan(token_step, (state.weights, state.momentum), tokens)
-    weights = jax.tree.map(lambda w: jnp.moveaxis(w, 0, 2), weights)  # [B, H, b, m, n]
+    def at_last(leaf):  # the state after token `last` (rows past it saw only padding)
+        return jax.lax.dynamic_index_in_dim(leaf, last, 2, keepdims=False)
+
+    stored, momentum = jax.tree.map(at_last, (stored_per_token, momentum_per_token))
+    weights = spec.effective_weights(stored_per_token)
 
     def read_layer(index, layer_input):  # token t through its own W_t
         return jnp.einsum("...tm,...tmn->...tn", layer_input, weights[names[index]])
 
     output, _ = architecture.run_layers(chunk["q"], read_layer)
-    return NeuralMemoryState(stored, momentum, entries.carried), output
+    new_state = NeuralMemoryState(retention.after_update(stored), momentum, entries.carried)
+    return new_state, output
+
+
+def _apply(coefficients, leaves):
+    """sum_i C[t, i] x_i: coefficients [B, H, b, b], leaves [B, H, b, m, n] -> same shape."""
+    return jnp.einsum("...ti,...imn->...tmn", coefficients, leaves)
+
+
+def _scaled(factors, leaf):
+    """factors [B, H, b] times a chunk-start leaf [B, H, m, n] -> [B, H, b, m, n]."""
+    return factors[..., None, None] * leaf[..., None, :, :]
+
+
+def token_states(spec, state, gradients, chunk):
+    """(stored, momentum) after every token of the chunk, leaves [B, H, b, m, n] (momentum
+    None for GD); stored before kl's normalisation (see the module doc). Rows past the
+    chunk's last real token have seen padding; no row before them has (lower triangular).
+
+      gd / momentum: M_t = Gamma_t M0 + sum_{i<=t} C[t, i] w_i + D_t S0, w_i = -theta_i u_i,
+        S_t = E_t S0 + sum_{i<=t} P[t, i] w_i (`ChunkCoefficients`).
+      muon: S_t = E_t S0 - sum_{i<=t} P[t, i] u_i, U_t = theta_t NS(S_t) for all t as one
+        batch, M_t = Gamma_t M0 + sum_{i<=t} A[t, i] U_i.
+    """
+    rule, lr = spec.learning_rule, chunk["lr"]
+    start_decay, transfer = spec.retention_rule.chunk_transfer(chunk["g"])
+
+    if rule.chunk_coefficients is not None:
+        coefficients = rule.chunk_coefficients(transfer, chunk.get("eta"))
+        steps = jax.tree.map(lambda u: -lr[..., None, None] * u, gradients)
+        stored = jax.tree.map(
+            lambda m0, w: _scaled(start_decay, m0) + _apply(coefficients.update, w),
+            state.weights,
+            steps,
+        )
+        if not rule.uses_momentum:
+            return stored, None
+        stored = jax.tree.map(
+            lambda m, s0: m + _scaled(coefficients.carried, s0), stored, state.momentum
+        )
+        momentum = jax.tree.map(
+            lambda s0, w: (
+                _scaled(coefficients.momentum_carried, s0) + _apply(coefficients.momentum_update, w)
+            ),
+            state.momentum,
+            steps,
+        )
+        return stored, momentum
+
+    momentum_update, momentum_carried = momentum_transfer(chunk["eta"])
+    momentum = jax.tree.map(
+        lambda s0, u: _scaled(momentum_carried, s0) - _apply(momentum_update, u),
+        state.momentum,
+        gradients,
+    )
+    updates = rule.update_from_momentum(momentum, lr)
+    stored = jax.tree.map(
+        lambda m0, update: _scaled(start_decay, m0) + _apply(transfer, update),
+        state.weights,
+        updates,
+    )
+    return stored, momentum
