@@ -13,11 +13,11 @@ layer writes, after its projections, convolutions and normalisations):
     value_norm[t]    ||v_t||  the scale the errors compare to (0 error = perfect recall),
 
 each averaged over batch rows and heads ([T] arrays). M(k) is the memory's own read:
-  * Titans neural memory (block kinds lmm, mal, mag; MLP or matrix memory): M(k) = the
-    memory network at k, M_t as the layer computes it in training, i.e. the chunk-parallel
-    form (gradients at the decayed chunk-start memory, Titans eqs. 16-18) with the layer's
-    chunk size. Traced for the rules "gd"/"momentum", retention "gated_decay", biases "l2"/
-    "dot_product" and omega_window 1; other Miras choices are reported as not traced.
+  * deep memories (block kinds lmm, mal, mag and the ATLAS / Miras kinds atlas, omeganet,
+    moneta, yaad, memora; any Miras choice): M(k) = the memory network at k on the effective
+    weights (lq's normalised accumulator, kl's softmax), M_t as the layer computes it in
+    training, i.e. the chunk-start rule (`reference.chunk_start_scan`: gradients at the
+    chunk-start point, Titans eqs. 16-18, with the Omega window) with the layer's chunk size.
   * matrix memories (linear_attention, gla, deltanet, gdn): M(k) = S^T k, S_t as in
     `layers.linear_memory` (for linear attention / GLA, S^T k is not trained towards v, so
     their errors grow with the number of tokens by construction).
@@ -37,6 +37,7 @@ from flax import nnx
 
 from layers.linear_memory import DECAY_RULES, DELTA_RULES, LinearMemory
 from layers.neural_memory import NeuralMemory
+from pallas_kernels.neural_memory import reference
 
 QUANTITIES = ("state_norm", "error_before", "error_after", "recall_error", "value_norm")
 
@@ -57,74 +58,44 @@ def _summarise(per_token):
     return {name: jnp.mean(value, axis=(1, 2)) for name, value in per_token.items()}
 
 
-def _neural_support(spec) -> str | None:
-    checks = (
-        ("rule", spec.rule, ("gd", "momentum")),
-        ("retention", getattr(spec, "retention", "gated_decay"), ("gated_decay",)),
-        ("bias", spec.bias, ("l2", "dot_product")),
-        ("omega_window", getattr(spec, "omega_window", 1), (1,)),
-    )
-    for name, value, supported in checks:
-        if value not in supported:
-            return f"{name}={value!r} is not traced (supported: {supported})"
-    return None
-
-
 def neural_memory_trace(spec, inputs, initial_state, chunk_size):
-    """Diagnostics of the deep memory (module docstring) with the chunk-start rule.
+    """Diagnostics of the deep memory (module docstring) with the chunk-start rule, for any
+    Miras choice (`reference.chunk_start_scan`, which the chunked form is held to).
 
-    inputs: q, k, v [B, T, H, D], lr, eta (None for GD), g [B, T, H] (as
-    `NeuralMemory.features`); initial_state: NeuralMemoryState [B, H, ...]. Returns
-    ({quantity: [T]}, outputs o_t = M_t(q_t) [B, T, H, Dv]).
+    inputs: q, k, v [B, T, H, D], lr, eta (None for GD), g and, when the spec uses them,
+    huber_delta / omega_gate [B, T, H] (as `NeuralMemory.features`); initial_state:
+    NeuralMemoryState [B, H, ...]. M_t(k) reads the effective weights (lq's normalised
+    accumulator, kl's softmax), and the state norm is theirs. Returns ({quantity: [T]},
+    outputs o_t = M_t(q_t) [B, T, H, Dv]).
     """
     forward = spec.memory_architecture.forward
-    as_f32 = lambda x: None if x is None else jnp.moveaxis(x.astype(jnp.float32), 1, 0)  # noqa: E731
-    q, k, v, lr, eta, g = (as_f32(inputs[name]) for name in ("q", "k", "v", "lr", "eta", "g"))
-    all_keys, all_values = jnp.moveaxis(k, 0, 2), jnp.moveaxis(v, 0, 2)  # [B, H, T, D]
+    heads_major = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 2)  # noqa: E731
+    all_keys, all_values = heads_major(inputs["k"]), heads_major(inputs["v"])  # [B, H, T, D]
 
-    def read(weights, x):  # x [B, H, D] -> [B, H, Dv]
-        return forward(weights, x[..., None, :])[0][..., 0, :]
+    def read(state, x):  # x [B, H, D] -> [B, H, Dv] through the effective weights
+        output, _ = forward(spec.effective_weights(state.weights), x[..., None, :])
+        return output[..., 0, :]
 
-    def inner_loss(weights, key, value):  # summed over (b, h): each weight sees its own token
-        prediction = read(weights, key)
-        if spec.bias == "l2":
-            return 0.5 * jnp.sum(jnp.square(prediction - value))
-        return -jnp.sum(prediction * value)
-
-    def body(carry, token):
-        weights, momentum, chunk_start, gamma = carry
-        t, query, key, value, lr_t, eta_t, g_t = token
-        starts = t % chunk_size == 0
-        chunk_start = jax.tree.map(lambda s, w: jnp.where(starts, w, s), chunk_start, weights)
-        gamma = jnp.where(starts, 1.0, gamma) * jnp.exp(g_t)
-        before = _norm(read(weights, key) - value)
-        decayed_start = jax.tree.map(lambda w: gamma[..., None, None] * w, chunk_start)
-        gradient = jax.grad(inner_loss)(decayed_start, key, value)
-        step = jax.tree.map(lambda u: -lr_t[..., None, None] * u, gradient)
-        if momentum is not None:  # S_t = eta_t S_{t-1} - theta_t u_t (Titans eq. 10)
-            momentum = jax.tree.map(lambda s, u: eta_t[..., None, None] * s + u, momentum, step)
-            step = momentum
-        weights = jax.tree.map(lambda w, u: jnp.exp(g_t)[..., None, None] * w + u, weights, step)
+    def observe(t, before, after, token):
+        key, value = token[1], token[2]
+        weights = spec.effective_weights(after.weights)
         predictions, _ = forward(weights, all_keys)
-        diagnostics = {
+        return {
             "state_norm": jnp.sqrt(
                 sum(jnp.sum(jnp.square(w), axis=(-2, -1)) for w in weights.values())
             ),
-            "error_before": before,
-            "error_after": _norm(read(weights, key) - value),
+            "error_before": _norm(read(before, key) - value),
+            "error_after": _norm(read(after, key) - value),
             "recall_error": _recall_error(predictions, all_values, t),
             "value_norm": _norm(value),
         }
-        return (weights, momentum, chunk_start, gamma), (diagnostics, read(weights, query))
 
-    weights = jax.tree.map(lambda w: w.astype(jnp.float32), initial_state.weights)
-    momentum = initial_state.momentum
-    gamma = jnp.ones(lr.shape[1:], jnp.float32)
-    steps = jnp.arange(q.shape[0])
-    zeros_eta = jnp.zeros_like(lr) if eta is None else eta
-    carry = (weights, momentum, weights, gamma)
-    _, (per_token, outputs) = jax.lax.scan(body, carry, (steps, q, k, v, lr, zeros_eta, g))
-    return _summarise(per_token), jnp.moveaxis(outputs, 0, 1)
+    outputs, _, per_token = reference.chunk_start_scan(
+        spec, *(inputs.get(name) for name in ("q", "k", "v", "lr", "eta", "g")),
+        initial_state, chunk_size, huber_delta=inputs.get("huber_delta"),
+        omega_gate=inputs.get("omega_gate"), observe=observe,
+    )  # fmt: skip
+    return _summarise(per_token), outputs
 
 
 def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None):
@@ -175,8 +146,7 @@ def _memory_of(block):
         return None, "MAC's memory runs per segment on attention outputs: not traced", None
     memory = getattr(block, "memory", None)
     if isinstance(memory, NeuralMemory) and hasattr(block, "memory_norm"):
-        problem = _neural_support(memory.spec)
-        return (None, problem, None) if problem else ("neural", memory, block.memory_norm)
+        return "neural", memory, block.memory_norm
     mixer = getattr(block, "mixer", None)
     if isinstance(mixer, LinearMemory):
         return "linear", mixer, block.mixer_norm

@@ -127,16 +127,21 @@ def exact_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, huber_delt
 
 
 def chunk_start_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chunk_size,
-                     huber_delta=None, omega_gate=None):  # fmt: skip
+                     huber_delta=None, omega_gate=None, observe=None):  # fmt: skip
     """Token by token, but every gradient at the chunk-start point (see the module doc:
-    gamma_t M_{c0} for gated_decay, W_{c0} for lq / kl) -> (o, final state)."""
+    gamma_t M_{c0} for gated_decay, W_{c0} for lq / kl) -> (o, final state).
+
+    observe: optional (t, state before token t, state after it, token t's inputs (q, k, v,
+    lr, eta, g, huber_delta, omega_gate), each [B, H, ...] or None) -> pytree; given, it runs at
+    every token and (o, final state, observations stacked on a leading T axis) is returned
+    (`evals.memory_behaviour` traces retrieval errors with it)."""
     seq_len = q.shape[1]
     starts_chunk = jnp.arange(seq_len) % chunk_size == 0
     retention = spec.retention_rule
 
     def body(carry, token):
         state, chunk_start_weights, gamma = carry
-        starts, token = token[0], token[1:]
+        starts, index, token = token[0], token[1], token[2:]
         log_decay_t = token[5]
         chunk_start_weights = jax.tree.map(
             lambda start, now: jnp.where(starts, now, start), chunk_start_weights, state.weights
@@ -146,12 +151,16 @@ def chunk_start_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chun
             point = jax.tree.map(lambda w: gamma[..., None, None] * w, chunk_start_weights)
         else:  # W_{c0}
             point = spec.effective_weights(chunk_start_weights)
-        output, state = _token(spec, state, point, token)
-        return (state, chunk_start_weights, gamma), output
+        output, new_state = _token(spec, state, point, token)
+        observed = None if observe is None else observe(index, state, new_state, token)
+        return (new_state, chunk_start_weights, gamma), (output, observed)
 
     state = jax.tree.map(at_least_float32, initial_state)
     gamma = jnp.ones_like(at_least_float32(lr[:, 0]))
     inputs = (q, k, v, lr, momentum, log_decay, huber_delta, omega_gate)
-    tokens = (starts_chunk,) + tuple(map(_time_major, inputs))
-    (final_state, _, _), outputs = jax.lax.scan(body, (state, state.weights, gamma), tokens)
-    return jnp.moveaxis(outputs, 0, 1).astype(v.dtype), final_state
+    tokens = (starts_chunk, jnp.arange(seq_len)) + tuple(map(_time_major, inputs))
+    (final_state, _, _), (outputs, observed) = jax.lax.scan(
+        body, (state, state.weights, gamma), tokens
+    )
+    outputs = jnp.moveaxis(outputs, 0, 1).astype(v.dtype)
+    return (outputs, final_state) if observe is None else (outputs, final_state, observed)
