@@ -22,7 +22,9 @@ settings (window 8 / 16-token segments: recall past that must go through the mem
 other neural-memory kinds its chunk size 8. One seed: a first look, not a tuned comparison.
 
 Writes `benchmarks/results/model_comparison.{json,md}` after every run, so a partial sweep
-still leaves its rows.
+still leaves its rows. Rows of kinds not in `--models` are kept from the JSON already in
+`--out` (`--no-keep_other_rows` starts afresh), so one slow kind can be rerun alone; every
+row records the command and date that produced it, and the table lists them.
 """
 
 import argparse
@@ -44,6 +46,11 @@ from evals import common, recall
 from training import config_validation, loop
 
 CACHE_LENGTHS = (1024, 2048)  # two lengths past every default window, for fixed + per token
+# Table order: attention, then the linear-memory family, then the deep memories.
+DISPLAY_ORDER = (
+    "attention", "swa", "linear_attention", "gla", "deltanet", "gdn", "mom",
+    "lmm", "mal", "mag", "mac", "atlas", "omeganet", "moneta", "yaad", "memora",
+)  # fmt: skip
 
 
 def model_config(kind: str):
@@ -150,12 +157,39 @@ def _fmt(value, fmt):
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt % value
 
 
+def _display_rank(row):
+    kind = row["model"]
+    return (DISPLAY_ORDER.index(kind) if kind in DISPLAY_ORDER else len(DISPLAY_ORDER), kind)
+
+
+def earlier_rows(out: str, kinds) -> list[dict]:
+    """Rows of the JSON already in `out` for kinds other than `kinds` (none if absent)."""
+    path = os.path.join(out, "model_comparison.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        payload = json.load(f)
+    rows = [row for row in payload.get("rows", []) if row["model"] not in kinds]
+    for row in rows:  # rows written before rows carried their own command
+        row.setdefault("command", payload.get("command", ""))
+        row.setdefault("date", payload.get("date", ""))
+    return rows
+
+
 def write(rows, header, out):
+    """`rows` (this run's and kept ones) -> model_comparison.json and .md in `out`."""
     os.makedirs(out, exist_ok=True)
+    rows = sorted(rows, key=_display_rank)
     with open(os.path.join(out, "model_comparison.json"), "w") as f:
         json.dump({**header, "rows": rows}, f, indent=2)
-    lines = [
-        f"{header['machine']}; {header['date']}; `{header['command']}`",
+    sources = {}  # command -> (date, models), in first-seen order
+    for row in rows:
+        date, models_run = sources.setdefault(row["command"], (row["date"], []))
+        models_run.append(row["model"])
+    lines = [f"{header['machine']}. Rows from:"]
+    lines += [f"- {date}: `{command}` ({', '.join(kinds)})"
+              for command, (date, kinds) in sources.items()]  # fmt: skip
+    lines += [
         "",
         "| model | parameters (MQAR / text) | MQAR recall | MQAR loss | S-NIAH accuracy "
         "| text bits/byte | text tokens/s | cache bytes fixed | cache bytes per token "
@@ -193,6 +227,8 @@ def compare(kind: str, args, targets: dict, rows: list, header: dict) -> None:
     mqar_run, text_run = resolved(mqar_run), resolved(text_run)
     row = {
         "model": kind,
+        "command": header["command"],
+        "date": header["date"],
         "parameters_mqar": parameter_count(mqar_run.model),
         "parameters_text": parameter_count(text_run.model),
         "mlp_dim_mqar": mqar_run.model.mlp_dim,
@@ -223,6 +259,12 @@ def main(argv=None):
     )
     parser.add_argument("--niah_examples", type=int, default=64)
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument(
+        "--keep_other_rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the rows of other kinds from the JSON in --out",
+    )
     args = parser.parse_args(argv)
     kinds = [kind for kind in args.models.split(",") if kind]
     unknown = sorted(set(kinds) - set(models.registered_blocks()))
@@ -235,7 +277,7 @@ def main(argv=None):
         "text": parameter_count(resolved(text_config("attention", 1)).model),
     }
     header["target_parameters"] = targets
-    rows = []
+    rows = earlier_rows(args.out, kinds) if args.keep_other_rows else []
     for kind in kinds:
         compare(kind, args, targets, rows, header)
     print(open(os.path.join(args.out, "model_comparison.md")).read())

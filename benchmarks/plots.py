@@ -127,7 +127,7 @@ def plot_model_comparison(payload: dict, path: pathlib.Path) -> pathlib.Path:
             axis.set_xlim(left=0)
         axis.set_title(label, fontsize=10)
         axis.grid(True, axis="x", alpha=0.3)
-    figure.suptitle(_title(payload, "All models at one size: " + payload["command"]))
+    figure.suptitle(_title(payload, "All models at one size (commands: model_comparison.md)"))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -59,6 +59,10 @@ def test_throughput_row(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_model_comparison_row_and_plot(tmp_path):
+    # A row of another kind from an earlier run, and a stale attention row to be replaced.
+    earlier = {"model": "gdn", "command": "an earlier command", "date": "2026-01-01 00:00 UTC"}
+    stale = {"model": "attention", "command": "stale", "date": "2026-01-01 00:00 UTC"}
+    (tmp_path / "model_comparison.json").write_text(json.dumps({"rows": [stale, earlier]}))
     rows = model_comparison.main(
         [
             "--models=attention",
@@ -69,12 +73,15 @@ def test_model_comparison_row_and_plot(tmp_path):
             f"--out={tmp_path}",
         ]
     )
-    (row,) = rows
+    assert [r["model"] for r in rows] == ["gdn", "attention"]  # kept first, this run after
+    row = rows[1]
     assert 0 <= row["mqar"]["eval_accuracy"] <= 1 and 0 <= row["niah"]["accuracy"] <= 1
     assert row["text"]["bits_per_token"] > 0 and row["text"]["tokens_per_second"] > 0
     assert (
         row["parameters_mqar"]
         == json.loads((tmp_path / "model_comparison.json").read_text())["target_parameters"]["mqar"]
     )
-    assert "| attention |" in (tmp_path / "model_comparison.md").read_text()
+    table = (tmp_path / "model_comparison.md").read_text()
+    assert table.index("| attention |") < table.index("| gdn |")  # display order
+    assert "`an earlier command` (gdn)" in table and "stale" not in table
     assert plots.plot_all(tmp_path) == [tmp_path / "model_comparison.png"]
