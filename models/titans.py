@@ -259,6 +259,7 @@ _MEMORY_DEFAULTS = {
     "lp_p": 3.0,  # bias "lp" (Moneta's p)
     "retention": "gated_decay",
     "lq_q": 4.0,  # retention "lq" (Moneta's q)
+    "kl_scale": 1.0,  # retention "kl" (Memora): weights kl_scale x softmax
     "rule": "momentum",
     "ns_steps": 5,  # rule "muon": Newton-Schulz steps and their (a, b, c)
     "ns_coefficients": (3.4445, -4.7750, 2.0315),
@@ -302,6 +303,7 @@ def _build_memory(model_config, block_config, out_init_std, rngs):
             lp_p=float(block_config.lp_p),
             retention=block_config.retention,
             lq_q=float(block_config.lq_q),
+            kl_scale=float(block_config.kl_scale),
             rule=block_config.rule,
             ns_steps=block_config.ns_steps,
             ns_coefficients=tuple(float(c) for c in block_config.ns_coefficients),

@@ -92,6 +92,15 @@ def test_each_kind_is_its_papers_choice():
     assert "eta" not in _memory("omeganet").input_names
 
 
+def test_memora_scale_is_a_config_option():
+    build = lambda scale: registry.build_block(  # noqa: E731
+        "memora", _config(("memora",), kl_scale=scale), layer_index=0, rngs=nnx.Rngs(0)
+    )
+    assert build(4.0).memory.spec.kl_scale == 4.0
+    with pytest.raises(ConfigError, match=r"^model\.memora\.kl_scale=0\.0; expected > 0$"):
+        build(0.0)
+
+
 @pytest.mark.parametrize("kind", ("atlas",))
 def test_hybrid_with_sliding_window_attention_decodes(kind):
     model = _model((kind, "swa"))
