@@ -3,9 +3,10 @@
 Split in parts so the training forward and cached decoding share the math:
 `Attention.project` (x -> rotated q, k, v), `attention_mask` (which keys each query may
 see, from token indices and segment ids) and `dot_product_attention` (the softmax core),
-then `Attention.output` (heads -> residual stream). Decoding (`Attention.init_cache`,
-`Attention.extend`) keeps rotated keys and values in a KV cache and masks with
-`cache_attention_mask`, the same rule expressed on stored token positions.
+then `Attention.output` (heads -> residual stream). With a sliding window, longer sequences
+go through `sliding_window_attention`, the same result in blocks, O(T * window). Decoding
+(`Attention.init_cache`, `Attention.extend`) keeps rotated keys and values in a KV cache
+and masks with `cache_attention_mask`, the same rule expressed on stored token positions.
 """
 
 import jax
@@ -81,6 +82,58 @@ def dot_product_attention(
     return out.reshape(batch, query_len, num_heads, head_dim).astype(value.dtype)
 
 
+def sliding_window_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    window: int,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Causal attention over the `window` most recent keys in O(T * window), not O(T^2).
+
+    Same result as `dot_product_attention` with `attention_mask(..., window=window)` (the
+    tests hold it to that): T is cut into blocks of `window` queries; a query in block i can
+    only see keys in blocks i - 1 and i, so each block attends over those 2 * window keys
+    with the same mask rule on their token indices (keys before the sequence start, from
+    the zero padding of block -1, and padding at the end are masked or discarded).
+    query [B, T, H, D], key / value [B, T, K, D], segment_ids [B, T] or None.
+    """
+    batch, length = query.shape[:2]
+    num_blocks = -(-length // window)
+    padded = num_blocks * window
+
+    def blocks(x, fill=0):  # [B, T, ...] -> [B, num_blocks, window, ...], zero padded
+        padding = [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2)
+        x = jnp.pad(x, padding, constant_values=fill)
+        return x.reshape(batch, num_blocks, window, *x.shape[2:])
+
+    def with_previous_block(x):  # [B, n, W, ...] -> [B, n, 2W, ...]: blocks i - 1 and i
+        previous = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1]
+        return jnp.concatenate([previous, x], axis=2)
+
+    def fold(x):  # [B, n, ...] -> [B * n, ...]
+        return x.reshape(batch * num_blocks, *x.shape[2:])
+
+    starts = jnp.arange(num_blocks) * window
+    query_index = starts[:, None] + jnp.arange(window)  # [n, W]
+    key_index = starts[:, None] - window + jnp.arange(2 * window)  # [n, 2W]
+    mask = jax.vmap(lambda q, k: attention_mask(q, k, window=window)[0])(query_index, key_index)
+    mask = mask & (key_index >= 0)[:, None, :]  # [n, W, 2W]
+    mask = jnp.broadcast_to(mask[None], (batch, *mask.shape))
+    if segment_ids is not None:
+        query_segments = blocks(segment_ids, fill=-1)
+        key_segments = with_previous_block(query_segments)
+        mask = mask & (query_segments[..., :, None] == key_segments[..., None, :])
+    out = dot_product_attention(
+        fold(blocks(query)),
+        fold(with_previous_block(blocks(key))),
+        fold(with_previous_block(blocks(value))),
+        fold(mask),
+    )
+    return out.reshape(batch, padded, *out.shape[2:])[:, :length]
+
+
 class Attention(nnx.Module):
     """Multi-head (or grouped-query) causal self-attention with RoPE, no biases.
 
@@ -144,6 +197,11 @@ class Attention(nnx.Module):
         self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None
     ) -> jax.Array:
         query, key, value = self.project(x, positions)
+        if 0 < self.window and 2 * self.window < x.shape[1]:  # blocks pay off past 2 windows
+            heads = sliding_window_attention(
+                query, key, value, window=self.window, segment_ids=segment_ids
+            )
+            return self.output(heads)
         token_index = jnp.arange(x.shape[1])
         mask = attention_mask(
             token_index,

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers.attention import Attention, attention_mask, dot_product_attention
+from layers.attention import (
+    Attention,
+    attention_mask,
+    dot_product_attention,
+    sliding_window_attention,
+)
 from layers.rope import apply_rope
 
 # float32 throughout; different summation orders of the same math agree to ~1e-6.
@@ -50,6 +55,37 @@ def test_core_matches_loop_reference(window, num_kv_heads):
     out = dot_product_attention(query, key, value, mask)
     expected = _loop_reference(query, key, value, window, segments)
     np.testing.assert_allclose(out, expected, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("window, length", [(3, 10), (4, 8), (2, 11)])
+def test_blocked_sliding_window_equals_the_loop_reference(window, length):
+    """Blocks of `window` queries over the previous and current block give the same result
+    as the full masked attention, also across packed segments and with GQA, with a partial
+    last block (10 = 3 + 3 + 3 + 1), and one that ends on a block boundary (8 = 4 + 4)."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    batch, num_heads, num_kv_heads, head_dim = 2, 4, 2, 8
+    query = jax.random.normal(keys[0], (batch, length, num_heads, head_dim))
+    key = jax.random.normal(keys[1], (batch, length, num_kv_heads, head_dim))
+    value = jax.random.normal(keys[2], (batch, length, num_kv_heads, head_dim))
+    segments = np.array([[1] * 4 + [2] * (length - 4), [1] * length])
+    out = sliding_window_attention(query, key, value, window=window, segment_ids=segments)
+    expected = _loop_reference(query, key, value, window, segments)
+    np.testing.assert_allclose(out, expected, atol=TOL, rtol=TOL)
+
+    def loss(fn, query, key, value):
+        return jnp.sum(jnp.sin(fn(query, key, value)))
+
+    index = jnp.arange(length)
+    mask = attention_mask(index, index, window=window)
+    full = jax.grad(
+        lambda *a: loss(lambda q, k, v: dot_product_attention(q, k, v, mask), *a), (0, 1, 2)
+    )(query, key, value)
+    blocked = jax.grad(
+        lambda *a: loss(lambda q, k, v: sliding_window_attention(q, k, v, window=window), *a),
+        (0, 1, 2),
+    )(query, key, value)
+    for got, want in zip(blocked, full, strict=True):
+        np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
 
 
 def test_mask_semantics():
