@@ -21,8 +21,12 @@ each averaged over batch rows and heads ([T] arrays). M(k) is the memory's own r
   * matrix memories (linear_attention, gla, deltanet, gdn): M(k) = S^T k, S_t as in
     `layers.linear_memory` (for linear attention / GLA, S^T k is not trained towards v, so
     their errors grow with the number of tokens by construction).
-Layers without a reachable memory (attention, swa, mom, mac, and unknown kinds) are listed
-with the reason.
+  * Mixture-of-Memories (mom): every memory (the routed ones and the shared one) as above,
+    on its own keys and values; a memory's errors count only the tokens routed to it
+    (`written`), its recall error the pairs it has stored; the state norm is the mean over
+    all memories and heads.
+Layers without a memory trained in the forward pass (attention, swa), Titans MAC (its
+memory runs per segment on attention outputs) and unknown kinds are listed with the reason.
 
     trace(model, tokens) -> {"layer_00": {"kind", "state_norm", ... [T] numpy}, ...,
                              "layer_01": {"kind": "attention", "skipped": reason}}
@@ -36,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from layers.linear_memory import DECAY_RULES, DELTA_RULES, LinearMemory
+from layers.mixture_of_memories import MixtureOfMemories
 from layers.neural_memory import NeuralMemory
 from pallas_kernels.neural_memory import reference
 
@@ -98,10 +103,14 @@ def neural_memory_trace(spec, inputs, initial_state, chunk_size):
     return _summarise(per_token), outputs
 
 
-def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None):
+def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None, written=None):
     """Diagnostics of a matrix memory S [Dk, Dv] per head (module docstring), token by token.
 
     q, k [B, T, H, Dk], v [B, T, H, Dv], g / beta [B, T, H] or None (`LinearMemory.features`).
+    written [B, T, H] bool or None (all): which (token, head) pairs are written -- for
+    Mixture-of-Memories, whose memories are heads and take only their routed tokens -- so
+    the errors and value norms average over written pairs only, and the recall error of a
+    head over the pairs it has stored (heads that have stored none yet are left out).
     Returns ({quantity: [T]}, outputs o_t = scale S_t^T q_t [B, T, H, Dv]).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -109,35 +118,44 @@ def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None):
     q, k, v = time_major(q), time_major(k), time_major(v)
     g = jnp.zeros(q.shape[:3]) if g is None or rule not in DECAY_RULES else time_major(g)
     beta = jnp.ones(q.shape[:3]) if beta is None else time_major(beta)
+    written = jnp.ones(q.shape[:3]) if written is None else time_major(written)
     all_keys, all_values = jnp.moveaxis(k, 0, 2), jnp.moveaxis(v, 0, 2)
+    all_written = jnp.moveaxis(written, 0, 2)  # [B, H, T]
 
     def read(state, x):
         return jnp.einsum("bhk,bhkv->bhv", x, state)
 
+    def weighted_mean(x, weights):
+        return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
     def body(state, token):
-        t, query, key, value, g_t, beta_t = token
+        t, query, key, value, g_t, beta_t, written_t = token
         before = _norm(read(state, key) - value)
         retained = jnp.exp(g_t)[..., None, None] * state
         if rule in DELTA_RULES:
-            written = beta_t[..., None] * (value - read(retained, key))
+            update = beta_t[..., None] * (value - read(retained, key))
         else:
-            written = value
-        state = retained + jnp.einsum("bhk,bhv->bhkv", key, written)
-        predictions = jnp.einsum("bhtk,bhkv->bhtv", all_keys, state)
+            update = value
+        state = retained + jnp.einsum("bhk,bhv->bhkv", key, update)
+        errors = _norm(jnp.einsum("bhtk,bhkv->bhtv", all_keys, state) - all_values)
+        stored = all_written * (jnp.arange(all_keys.shape[2]) <= t)  # [B, H, T]
+        count = jnp.sum(stored, axis=-1)
+        recall = jnp.sum(errors * stored, axis=-1) / jnp.maximum(count, 1.0)
         diagnostics = {
-            "state_norm": jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1))),
-            "error_before": before,
-            "error_after": _norm(read(state, key) - value),
-            "recall_error": _recall_error(predictions, all_values, t),
-            "value_norm": _norm(value),
+            "state_norm": jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1)))),
+            "error_before": weighted_mean(before, written_t),
+            "error_after": weighted_mean(_norm(read(state, key) - value), written_t),
+            "recall_error": weighted_mean(recall, count > 0),
+            "value_norm": weighted_mean(_norm(value), written_t),
         }
         return state, (diagnostics, scale * read(state, query))
 
     batch, heads = q.shape[1], q.shape[2]
     state = jnp.zeros((batch, heads, k.shape[-1], v.shape[-1]), jnp.float32)
     steps = jnp.arange(q.shape[0])
-    _, (per_token, outputs) = jax.lax.scan(body, state, (steps, q, k, v, g, beta))
-    return _summarise(per_token), jnp.moveaxis(outputs, 0, 1)
+    tokens = (steps, q, k, v, g, beta, written)
+    _, (per_token, outputs) = jax.lax.scan(body, state, tokens)
+    return per_token, jnp.moveaxis(outputs, 0, 1)
 
 
 def _memory_of(block):
@@ -150,6 +168,8 @@ def _memory_of(block):
     mixer = getattr(block, "mixer", None)
     if isinstance(mixer, LinearMemory):
         return "linear", mixer, block.mixer_norm
+    if isinstance(mixer, MixtureOfMemories):
+        return "mixture", mixer, block.mixer_norm
     return None, "no matrix or neural memory in this block", None
 
 
@@ -178,6 +198,13 @@ def _trace_linear(mixer, norm, x):
     return linear_memory_trace(mixer.rule, q, k, v, g, beta)[0]
 
 
+@nnx.jit
+def _trace_mixture(mixer, norm, x):
+    features = mixer.features(norm(x))[0]
+    inputs = (features[name] for name in ("q", "k", "v", "g", "beta"))
+    return linear_memory_trace(mixer.rule, *inputs, written=features["written"])[0]
+
+
 def trace(model, tokens) -> dict[str, dict]:
     """Per-layer memory diagnostics of `model` (a `models.lm.LanguageModel`) reading
     `tokens` [B, T] int: see the module docstring for the quantities ([T] numpy arrays)."""
@@ -192,6 +219,8 @@ def trace(model, tokens) -> dict[str, dict]:
             entry.update(jax.device_get(_trace_neural(memory, norm, x)))
         elif kind == "linear":
             entry.update(jax.device_get(_trace_linear(memory, norm, x)))
+        elif kind == "mixture":
+            entry.update(jax.device_get(_trace_mixture(memory, norm, x)))
         else:
             entry["skipped"] = memory
         result[name] = entry

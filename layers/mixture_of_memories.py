@@ -193,6 +193,35 @@ class MixtureOfMemories(nnx.Module):
 
     def _run(self, x, cache, segment_ids):
         """Shared by __call__ and extend: (y, new cache, routing (probabilities, chosen))."""
+        features, new_cache, mix, routing = self.features(x, cache, segment_ids)
+        batch, length = x.shape[:2]
+        memories, heads = self.total_memories, self.num_heads
+        initial_state = None
+        if cache is not None:
+            initial_state = cache["state"].reshape(
+                batch, memories * heads, *cache["state"].shape[3:]
+            )
+        o, final_state = run_recurrence(
+            self.rule,
+            *(features[name] for name in ("q", "k", "v", "g", "beta")),
+            initial_state=initial_state,
+            output_final_state=True,
+            segment_ids=segment_ids,
+            chunk_size=min(self.chunk_size, length),
+            impl=self.impl,
+        )
+        o = o.reshape(batch, length, memories, heads, self.value_dim).astype(jnp.float32)
+        mixed = jnp.einsum("btmhv,btm->bthv", o, mix)
+        new_cache["state"] = final_state.reshape(
+            batch, memories, heads, self.key_dim, self.value_dim
+        )
+        return self.output(mixed, x), new_cache, routing
+
+    def features(self, x, cache=None, segment_ids=None):
+        """What every memory reads and writes, memories folded into heads (memory m, head h
+        -> head m * H + h): ({"q", "k", "v" [B, T, M*H, D], "g", "beta" [B, T, M*H] or None,
+        "written" [B, T, M*H] bool: the token was routed to that memory}, new conv cache,
+        mixing weights [B, T, M], routing (probabilities, chosen))."""
         batch, length, _ = x.shape
         memories, heads = self.total_memories, self.num_heads
         probabilities, weights, chosen = self.route(x)
@@ -256,32 +285,17 @@ class MixtureOfMemories(nnx.Module):
         # Fold memories into heads: one recurrence call for all of them.
         folded = batch, length, memories * heads
         q_all = jnp.broadcast_to(q[:, :, None], (batch, length, memories, heads, self.key_dim))
-        initial_state = None
-        if cache is not None:
-            initial_state = cache["state"].reshape(
-                batch, memories * heads, *cache["state"].shape[3:]
-            )
-        o, final_state = run_recurrence(
-            self.rule,
-            q_all.reshape(*folded, self.key_dim),
-            k.reshape(*folded, self.key_dim),
-            v.reshape(*folded, self.value_dim),
-            None if g is None else g.reshape(folded),
-            None if beta is None else beta.reshape(folded),
-            initial_state=initial_state,
-            output_final_state=True,
-            segment_ids=segment_ids,
-            chunk_size=min(self.chunk_size, length),
-            impl=self.impl,
-        )
-        o = o.reshape(batch, length, memories, heads, self.value_dim).astype(jnp.float32)
-        mixed = jnp.einsum("btmhv,btm->bthv", o, mix)
-        new_cache["state"] = final_state.reshape(
-            batch, memories, heads, self.key_dim, self.value_dim
-        )
+        features = {
+            "q": q_all.reshape(*folded, self.key_dim),
+            "k": k.reshape(*folded, self.key_dim),
+            "v": v.reshape(*folded, self.value_dim),
+            "g": None if g is None else g.reshape(folded),
+            "beta": None if beta is None else beta.reshape(folded),
+            "written": routed_heads.reshape(folded),
+        }
         if self.conv_size == 0:
             del new_cache["conv_key"], new_cache["conv_value"]
-        return self.output(mixed, x), new_cache, (probabilities, chosen)
+        return features, new_cache, mix, (probabilities, chosen)
 
     def __call__(self, x, *, segment_ids=None):
         """x [B, T, D] -> (y [B, T, D], aux): 'aux_loss/load_balance', 'load/memory_<m>'

@@ -76,6 +76,24 @@ def test_delta_rule_write_reduces_the_error():
     assert np.all(traced["error_after"] <= traced["error_before"] + 1e-6)
 
 
+def test_unwritten_heads_are_left_out_of_the_errors():
+    """Mixture-of-Memories' rule: a memory (head) a token is not routed to gets beta = 0 and
+    is left out of that token's errors; a head never written is left out entirely, so the
+    errors equal those of the written head alone."""
+    x = random_inputs(4)
+    beta = x["beta"].at[:, :, 1].set(0.0)  # head 1: never written, its state stays 0
+    written = jnp.ones(beta.shape, bool).at[:, :, 1].set(False)
+    traced, _ = memory_behaviour.linear_memory_trace(
+        "gated_deltanet", x["q"], x["k"], x["v"], x["g"], beta, written=written
+    )
+    alone, _ = memory_behaviour.linear_memory_trace(
+        "gated_deltanet", *(x[n][:, :, :1] for n in ("q", "k", "v", "g")), beta[:, :, :1]
+    )
+    for name in ("error_before", "error_after", "recall_error", "value_norm"):
+        np.testing.assert_allclose(traced[name], alone[name], **TOLERANCE)
+    np.testing.assert_allclose(traced["state_norm"], alone["state_norm"] / 2, **TOLERANCE)
+
+
 SPECS = {
     "titans_mlp_momentum": MemorySpec(architecture="mlp", depth=2, rule="momentum"),
     "matrix_gd": MemorySpec(architecture="matrix", rule="gd"),
@@ -169,6 +187,16 @@ def test_trace_reads_atlas_and_miras_layers(kind):
     logged = np.array([aux[f"layer_00/memory_norm/{name}"] for name in ("W1", "W2")])
     final = traced["state_norm"][-1]
     assert np.sqrt(np.sum(logged**2)) * (1 - 1e-5) <= final <= np.sum(logged) * (1 + 1e-5)
+
+
+def test_trace_reads_every_memory_of_a_mixture():
+    model = tiny_model(("mom",))
+    tokens = np.random.default_rng(2).integers(0, 32, (2, 10))
+    traced = memory_behaviour.trace(model, tokens)["layer_00"]
+    assert "skipped" not in traced and all(np.all(np.isfinite(traced[q])) for q in scalars_names())
+    # The model logs the mean norm of its memories' final states: the trace's last.
+    aux = nnx.jit(lambda model, tokens: model(tokens)[1])(model, jnp.asarray(tokens))
+    np.testing.assert_allclose(traced["state_norm"][-1], aux["layer_00/state_norm"], **TOLERANCE)
 
 
 def scalars_names():
