@@ -25,8 +25,10 @@ each averaged over batch rows and heads ([T] arrays). M(k) is the memory's own r
     on its own keys and values; a memory's errors count only the tokens routed to it
     (`written`), its recall error the pairs it has stored; the state norm is the mean over
     all memories and heads.
-Layers without a memory trained in the forward pass (attention, swa), Titans MAC (its
-memory runs per segment on attention outputs) and unknown kinds are listed with the reason.
+  * Titans MAC: the deep memory as above, on what MAC writes to it -- each segment's
+    attention outputs (`MACBlock.segments`); needs segment_size a multiple of chunk_size.
+Layers without a memory trained in the forward pass (attention, swa) and unknown kinds are
+listed with the reason.
 
     trace(model, tokens) -> {"layer_00": {"kind", "state_norm", ... [T] numpy}, ...,
                              "layer_01": {"kind": "attention", "skipped": reason}}
@@ -159,9 +161,14 @@ def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None, written=None):
 
 
 def _memory_of(block):
-    """("neural", memory, norm) / ("linear", mixer, norm) / (None, reason, None)."""
+    """(kind, memory or block, its input norm) with kind "neural" / "linear" / "mixture" /
+    "mac", or (None, reason, None)."""
     if type(block).__name__ == "MACBlock":
-        return None, "MAC's memory runs per segment on attention outputs: not traced", None
+        if block.segment_size % block.memory.chunk_size:
+            reason = (f"MAC segment_size {block.segment_size} is not a multiple of the "
+                      f"memory's chunk_size {block.memory.chunk_size}: not traced")  # fmt: skip
+            return None, reason, None
+        return "mac", block, None
     memory = getattr(block, "memory", None)
     if isinstance(memory, NeuralMemory) and hasattr(block, "memory_norm"):
         return "neural", memory, block.memory_norm
@@ -205,6 +212,20 @@ def _trace_mixture(mixer, norm, x):
     return linear_memory_trace(mixer.rule, *inputs, written=features["written"])[0]
 
 
+@nnx.jit
+def _trace_mac(block, x):
+    """MAC's memory writes the attention outputs of each segment (`MACBlock.segments`); its
+    chunks restart at every segment, which is the sequence-wide chunking when segment_size
+    is a multiple of chunk_size (checked by `_memory_of`). Padding to whole segments comes
+    after the real tokens and is cut off."""
+    length = x.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(length), x.shape[:2]).astype(jnp.int32)
+    writes = block.segments(x, positions)[2]
+    state = block.memory.initial_state(x.shape[0])
+    traced = neural_memory_trace(block.memory.spec, writes, state, block.memory.chunk_size)[0]
+    return {name: value[:length] for name, value in traced.items()}
+
+
 def trace(model, tokens) -> dict[str, dict]:
     """Per-layer memory diagnostics of `model` (a `models.lm.LanguageModel`) reading
     `tokens` [B, T] int: see the module docstring for the quantities ([T] numpy arrays)."""
@@ -221,6 +242,8 @@ def trace(model, tokens) -> dict[str, dict]:
             entry.update(jax.device_get(_trace_linear(memory, norm, x)))
         elif kind == "mixture":
             entry.update(jax.device_get(_trace_mixture(memory, norm, x)))
+        elif kind == "mac":
+            entry.update(jax.device_get(_trace_mac(memory, x)))
         else:
             entry["skipped"] = memory
         result[name] = entry

@@ -47,6 +47,13 @@ class MACBlock(_GatedBlock):
 
     def __call__(self, x, *, positions, segment_ids=None):
         _no_packing(segment_ids)
+        outputs, state, _ = self.segments(x, positions)
+        return self._mlp_residual(x + outputs), memory_norms(state)
+
+    def segments(self, x, positions):
+        """The segment loop -> (gated outputs [B, T, D], final memory state, the memory's
+        write inputs {name: [B, T', ...]} (`NeuralMemory.features` of the attention
+        outputs, T' = T padded to whole segments; what `evals.memory_behaviour` traces))."""
         batch, length, _ = x.shape
         size = self.segment_size
         num_segments = -(-length // size)
@@ -74,7 +81,7 @@ class MACBlock(_GatedBlock):
             inputs, conv_states = self.memory.features(attended.astype(self.dtype), conv_states)
             read_out, state = self.memory.recur(inputs, state)
             remembered = self.memory.output(read_out, attended.astype(self.dtype))
-            return (state, conv_states), self.gate(attended, remembered)
+            return (state, conv_states), (self.gate(attended, remembered), inputs)
 
         conv_states = {}
         if self.memory.conv_size > 0:
@@ -84,9 +91,12 @@ class MACBlock(_GatedBlock):
             }
         carry = (self.memory.initial_state(batch), conv_states)
         inputs = (segments(normed), segments(retrieval_queries), segments(positions))
-        (state, _), outputs = jax.lax.scan(segment_step, carry, inputs)
-        outputs = jnp.moveaxis(outputs, 0, 1).reshape(batch, num_segments * size, -1)
-        return self._mlp_residual(x + outputs[:, :length]), memory_norms(state)
+        (state, _), (outputs, writes) = jax.lax.scan(segment_step, carry, inputs)
+
+        def unsegment(a):  # [S, B, N, ...] -> [B, S*N, ...]
+            return jnp.moveaxis(a, 0, 1).reshape(batch, num_segments * size, *a.shape[3:])
+
+        return unsegment(outputs)[:, :length], state, jax.tree.map(unsegment, writes)
 
     # Decoding: the segment's retrieval memory M*_{s-1}, the memory's chunk cache (whose
     # chunks restart at every segment, as `recur` per segment does), the conv states of

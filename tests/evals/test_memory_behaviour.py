@@ -147,10 +147,14 @@ def _check_trace_against_chunked(spec):
     np.testing.assert_allclose(traced["recall_error"][0], traced["error_after"][0], **TOLERANCE)
 
 
-def tiny_model(pattern):
+def tiny_model(pattern, **options):
+    """options: "kind__key" = value, set on model.<kind>.<key>."""
     config = base.get_config()
     config.model.vocab_size, config.model.d_model, config.model.num_heads = 32, 16, 2
     config.model.num_layers, config.model.block_pattern = len(pattern), pattern
+    for name, value in options.items():
+        kind, key = name.split("__")
+        config.model[kind][key] = value
     return build_model(config.model, rngs=nnx.Rngs(0))
 
 
@@ -172,12 +176,13 @@ def test_trace_reads_each_memory_layer_of_a_model():
     assert len(figure.axes) == 3 and len(figure.axes[1].lines) == 2  # before and after
 
 
-@pytest.mark.parametrize("kind", ["atlas", "yaad"])
-def test_trace_reads_atlas_and_miras_layers(kind):
+@pytest.mark.parametrize("kind", ["atlas", "yaad", "mac"])
+def test_trace_reads_deep_memory_layers(kind):
     """The ATLAS / Miras blocks are traced (Omega window, muon, Huber thresholds from the
-    layer's own projections), and the trace ends at the model's own final memory."""
-    model = tiny_model((kind,))
-    tokens = np.random.default_rng(1).integers(0, 32, (2, 10))
+    layer's own projections), MAC on its segments' attention outputs (3 segments of 4, in
+    chunks of 2: no padding), and the trace ends at the model's own final memory."""
+    model = tiny_model((kind,), mac__segment_size=4, mac__chunk_size=2)
+    tokens = np.random.default_rng(1).integers(0, 32, (2, 12))
     traced = memory_behaviour.trace(model, tokens)["layer_00"]
     assert "skipped" not in traced and all(np.all(np.isfinite(traced[q])) for q in scalars_names())
     aux = nnx.jit(lambda model, tokens: model(tokens)[1])(model, jnp.asarray(tokens))
@@ -187,6 +192,12 @@ def test_trace_reads_atlas_and_miras_layers(kind):
     logged = np.array([aux[f"layer_00/memory_norm/{name}"] for name in ("W1", "W2")])
     final = traced["state_norm"][-1]
     assert np.sqrt(np.sum(logged**2)) * (1 - 1e-5) <= final <= np.sum(logged) * (1 + 1e-5)
+    if kind == "mac":  # exactly: the final state of MAC's own segment loop
+        x = memory_behaviour._block_inputs(model, jnp.asarray(tokens))[0]
+        positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+        state = nnx.jit(lambda block, x: block.segments(x, positions)[1])(model.blocks[0], x)
+        squares = sum(jnp.sum(jnp.square(w), axis=(-2, -1)) for w in state.weights.values())
+        np.testing.assert_allclose(final, jnp.mean(jnp.sqrt(squares)), **TOLERANCE)
 
 
 def test_trace_reads_every_memory_of_a_mixture():
