@@ -89,6 +89,8 @@ def sliding_window_attention(
     *,
     window: int,
     segment_ids: jax.Array | None = None,
+    prefix_key: jax.Array | None = None,
+    prefix_value: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention over the `window` most recent keys in O(T * window), not O(T^2).
 
@@ -97,7 +99,9 @@ def sliding_window_attention(
     only see keys in blocks i - 1 and i, so each block attends over those 2 * window keys
     with the same mask rule on their token indices (keys before the sequence start, from
     the zero padding of block -1, and padding at the end are masked or discarded).
-    query [B, T, H, D], key / value [B, T, K, D], segment_ids [B, T] or None.
+    query [B, T, H, D], key / value [B, T, K, D], segment_ids [B, T] or None; prefix_key /
+    prefix_value [B, P, K, D] or None: keys every query sees (Titans' persistent memory),
+    in front of each block's keys.
     """
     batch, length = query.shape[:2]
     num_blocks = -(-length // window)
@@ -125,12 +129,17 @@ def sliding_window_attention(
         query_segments = blocks(segment_ids, fill=-1)
         key_segments = with_previous_block(query_segments)
         mask = mask & (query_segments[..., :, None] == key_segments[..., None, :])
-    out = dot_product_attention(
-        fold(blocks(query)),
-        fold(with_previous_block(blocks(key))),
-        fold(with_previous_block(blocks(value))),
-        fold(mask),
-    )
+    keys, values = with_previous_block(blocks(key)), with_previous_block(blocks(value))
+    if prefix_key is not None:
+
+        def in_front(prefix, x):  # [B, P, ...] before each block's [B, n, 2W, ...]
+            prefix = jnp.broadcast_to(prefix[:, None], (batch, num_blocks, *prefix.shape[1:]))
+            return jnp.concatenate([prefix.astype(x.dtype), x], axis=2)
+
+        keys, values = in_front(prefix_key, keys), in_front(prefix_value, values)
+        always = jnp.ones(mask.shape[:3] + (prefix_key.shape[1],), bool)
+        mask = jnp.concatenate([always, mask], axis=-1)
+    out = dot_product_attention(fold(blocks(query)), fold(keys), fold(values), fold(mask))
     return out.reshape(batch, padded, *out.shape[2:])[:, :length]
 
 

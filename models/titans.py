@@ -33,6 +33,7 @@ from layers.attention import (
     attention_mask,
     cache_attention_mask,
     dot_product_attention,
+    sliding_window_attention,
     write_cache,
 )
 from layers.feature_maps import FEATURE_MAPS
@@ -180,21 +181,23 @@ class _GatedBlock(_Block):
         )
         self.eps = model_config.norm_eps
 
+    def persistent_key_value(self, batch, num_heads, head_dim):
+        """Keys and values of the persistent tokens, [B, P, K, hd] each (no RoPE: they have
+        no position)."""
+        tokens = self.persistent[...].astype(self.dtype)
+        shape = (batch, tokens.shape[0], num_heads, head_dim)
+        key = jnp.broadcast_to(self.attention.key(tokens).reshape(shape[1:]), shape)
+        value = jnp.broadcast_to(self.attention.value(tokens).reshape(shape[1:]), shape)
+        return key, value
+
     def attend(self, query, key, value, mask):
         """Attention of query [B, Tq, H, hd] over [persistent ‖ key] with `mask` [B, Tq, Tk]
         on the non-persistent keys (persistent ones are always visible) -> [B, Tq, D]."""
         batch, num_heads, head_dim = query.shape[0], key.shape[2], key.shape[3]
-        tokens = self.persistent[...].astype(self.dtype)
-        persistent_shape = (batch, tokens.shape[0], num_heads, head_dim)
-        persistent_key = jnp.broadcast_to(
-            self.attention.key(tokens).reshape(persistent_shape[1:]), persistent_shape
-        )
-        persistent_value = jnp.broadcast_to(
-            self.attention.value(tokens).reshape(persistent_shape[1:]), persistent_shape
-        )
+        persistent_key, persistent_value = self.persistent_key_value(batch, num_heads, head_dim)
         keys = jnp.concatenate([persistent_key.astype(key.dtype), key], axis=1)
         values = jnp.concatenate([persistent_value.astype(value.dtype), value], axis=1)
-        always = jnp.ones(mask.shape[:2] + (tokens.shape[0],), bool)
+        always = jnp.ones(mask.shape[:2] + (persistent_key.shape[1],), bool)
         mask = jnp.concatenate([always, mask], axis=-1)
         return self.attention.output(dot_product_attention(query, keys, values, mask))
 
@@ -218,9 +221,17 @@ class MAGBlock(_GatedBlock):
         normed = self.memory_norm(x)
         remembered, aux = self.memory(normed)
         query, key, value = self.attention.project(normed, positions)
-        index = jnp.arange(x.shape[1])
-        mask = attention_mask(index, index, window=self.attention.window)
-        attended = self.attend(query, key, value, mask)
+        window = self.attention.window
+        if 0 < window and 2 * window < x.shape[1]:  # O(T * window), as `Attention`
+            prefix = self.persistent_key_value(x.shape[0], key.shape[2], key.shape[3])
+            heads = sliding_window_attention(
+                query, key, value, window=window, prefix_key=prefix[0], prefix_value=prefix[1]
+            )
+            attended = self.attention.output(heads)
+        else:
+            index = jnp.arange(x.shape[1])
+            mask = attention_mask(index, index, window=window)
+            attended = self.attend(query, key, value, mask)
         return self._mlp_residual(x + self.gate(attended, remembered)), aux
 
     def init_cache(self, batch_size: int, max_length: int):

@@ -72,11 +72,29 @@ def test_blocked_sliding_window_equals_the_loop_reference(window, length):
     expected = _loop_reference(query, key, value, window, segments)
     np.testing.assert_allclose(out, expected, atol=TOL, rtol=TOL)
 
+    # Keys every query sees in front (Titans' persistent tokens): as full attention over
+    # [prefix ‖ keys] with the prefix always visible.
+    prefix_key, prefix_value = (
+        jax.random.normal(k, (batch, 3, num_kv_heads, head_dim)) for k in jax.random.split(keys[0])
+    )
+    index = jnp.arange(length)
+    window_mask = attention_mask(index, index, window=window)
+    full_mask = jnp.concatenate([jnp.ones((1, length, 3), bool), window_mask], axis=-1)
+    expected = dot_product_attention(
+        query,
+        jnp.concatenate([prefix_key, key], axis=1),
+        jnp.concatenate([prefix_value, value], axis=1),
+        full_mask,
+    )
+    out = sliding_window_attention(
+        query, key, value, window=window, prefix_key=prefix_key, prefix_value=prefix_value
+    )
+    np.testing.assert_allclose(out, expected, atol=TOL, rtol=TOL)
+
     def loss(fn, query, key, value):
         return jnp.sum(jnp.sin(fn(query, key, value)))
 
-    index = jnp.arange(length)
-    mask = attention_mask(index, index, window=window)
+    mask = window_mask
     full = jax.grad(
         lambda *a: loss(lambda q, k, v: dot_product_attention(q, k, v, mask), *a), (0, 1, 2)
     )(query, key, value)
