@@ -270,7 +270,7 @@ _MEMORY_DEFAULTS = {
     "lp_p": 3.0,  # bias "lp" (Moneta's p)
     "retention": "gated_decay",
     "lq_q": 4.0,  # retention "lq" (Moneta's q)
-    "kl_scale": 1.0,  # retention "kl" (Memora): weights kl_scale x softmax
+    "kl_scale": 1.0,  # retention "kl" (Memora): weights kl_scale x sqrt(d_in) x softmax
     "rule": "momentum",
     "ns_steps": 5,  # rule "muon": Newton-Schulz steps and their (a, b, c)
     "ns_coefficients": (3.4445, -4.7750, 2.0315),

@@ -301,7 +301,7 @@ class MemorySpec:
     bias: "l2", "dot_product", "lp" (Moneta; `lp_p`, smoothing `lp_eps`) or "huber" (Yaad;
       needs the per-token `huber_delta` input). See `choices_miras`.
     retention: "gated_decay", "lq" (Moneta; `lq_q`, `lq_eps` keeps the norm finite at 0) or
-      "kl" (Memora; weights `kl_scale` x softmax).
+      "kl" (Memora; weights `kl_scale` x sqrt(d_in) x softmax).
     rule: "gd", "momentum" or "muon" (ATLAS; `ns_steps` Newton-Schulz steps with
       `ns_coefficients` (a, b, c)).
     omega_window: ATLAS eq. 9's c: the update at t uses the gradient of

@@ -307,7 +307,8 @@ def test_newton_schulz_matches_optim_and_kl_weights_are_distributions():
     logits = {"W1": jnp.asarray(rng.standard_normal((2, 8, 16)), jnp.float32)}
     weights = spec.effective_weights(logits)["W1"]
     assert np.all(np.asarray(weights) > 0)
-    np.testing.assert_allclose(np.sum(weights, axis=-2), 2.0, rtol=1e-6)
+    # Columns sum to c = kl_scale sqrt(d_in): unit norm at uniform probabilities.
+    np.testing.assert_allclose(np.sum(weights, axis=-2), 2.0 * 8**0.5, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------- api
@@ -353,8 +354,9 @@ def test_init_state_and_norms():
     assert jax.tree.map(jnp.shape, state.momentum) == jax.tree.map(jnp.shape, state.weights)
     assert init_state(MODELS["memora"], initial, BATCH).window is None
     kl_norms = state_norms(init_state(MODELS["memora"], initial, BATCH), MODELS["memora"])
-    # Uniform softmax over d_in = 8: every entry 1/8, Frobenius norm sqrt(8 * 16) / 8.
-    np.testing.assert_allclose(kl_norms["weights/W1"], np.sqrt(8 * 16) / 8, rtol=1e-6)
+    # Uniform softmax over d_in = 8 scaled by sqrt(8): every column has unit norm, so the
+    # [8, 16] matrix has Frobenius norm sqrt(16).
+    np.testing.assert_allclose(kl_norms["weights/W1"], 4.0, rtol=1e-6)
 
 
 def test_api_rejects_bad_input_naming_the_argument():
