@@ -95,11 +95,21 @@ def _assert_close(actual, expected):
 # shared (chaining caches across layers is covered by the mixed-pattern tests below); the
 # cache is larger than the sequence: unused slots must stay invisible.
 KIND_LENGTH, KIND_CACHE = 11, 16
+# Memora at init_std 0.3 is too ill-conditioned for a float32 comparison: a 1e-6 relative
+# change of the embeddings moves its logits by 1.3e-4 (Yaad's by 2e-5), so the chunked
+# forward and the token-by-token decoding, two float32 orders of the same math, differ by
+# ~7e-5; at 0.1 that sensitivity is 1e-5 (Yaad 4e-6). As `tests/models/test_titans.py`
+# does for MAC. Its algebra is checked in float64 in `tests/evals/test_memory_behaviour.py`.
+KIND_OVERRIDES = {"memora": {"init_std": 0.1}}
+
+
+def _kind_model(kind):
+    return _model((kind,), num_layers=1, **KIND_OVERRIDES.get(kind, {}))
 
 
 @pytest.mark.parametrize("kind", registry.registered_blocks())
 def test_token_by_token_extend_equals_full_forward(kind):
-    model = _model((kind,), num_layers=1)
+    model = _kind_model(kind)
     tokens = _tokens(KIND_LENGTH)
     chunked = _logits_by_chunks(model, tokens, [1] * KIND_LENGTH, max_length=KIND_CACHE)
     _assert_close(chunked, _full_logits(model, tokens))
@@ -107,7 +117,7 @@ def test_token_by_token_extend_equals_full_forward(kind):
 
 @pytest.mark.parametrize("kind", registry.registered_blocks())
 def test_prefill_then_single_steps_equals_full_forward(kind):
-    model = _model((kind,), num_layers=1)
+    model = _kind_model(kind)
     tokens = _tokens(KIND_LENGTH)
     chunked = _logits_by_chunks(model, tokens, [7, 1, 1, 1, 1], max_length=KIND_CACHE)
     _assert_close(chunked, _full_logits(model, tokens))
