@@ -20,7 +20,7 @@ from configs import atlas as atlas_configs
 from configs import miras as miras_configs
 from layers.neural_memory import NeuralMemory, memory_norms
 from models import registry
-from tests.models.test_titans import BATCH, VOCAB, WIDTH, _extend, _logits, _tokens
+from tests.models.test_titans import VOCAB, WIDTH, _decode, _logits, _tokens
 from training.errors import ConfigError
 
 KINDS = ("atlas", "omeganet", "moneta", "yaad", "memora")
@@ -47,17 +47,6 @@ def _config(pattern, **options):
 @functools.cache
 def _model(pattern, options=()):
     return models.build_model(_config(pattern, **dict(options)), rngs=nnx.Rngs(0))
-
-
-def _decode(model, tokens, pieces):
-    cache = model.init_cache(BATCH, tokens.shape[1])
-    start, outputs = 0, []
-    for length in pieces:
-        positions = jnp.broadcast_to(jnp.arange(start, start + length), (BATCH, length))
-        logits, cache = _extend(model, tokens[:, start : start + length], cache, positions)
-        outputs.append(logits)
-        start += length
-    return jnp.concatenate(outputs, axis=1)
 
 
 @functools.cache
@@ -106,7 +95,10 @@ def test_hybrid_with_sliding_window_attention_decodes(kind):
     model = _model((kind, "swa"))
     tokens = _tokens()
     np.testing.assert_allclose(
-        _decode(model, tokens, (1,) * 3 + (6, 1, 1)), _logits(model, tokens), atol=TOL, rtol=TOL
+        _decode(model, tokens, (1,) * 3 + (6, 1, 1), max_length=tokens.shape[1]),
+        _logits(model, tokens),
+        atol=TOL,
+        rtol=TOL,
     )
 
 
