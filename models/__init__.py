@@ -47,8 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
     block_pattern:   block kinds, repeated: layer i is block_pattern[i % len(block_pattern)].
     tie_embeddings:  the output head is the transposed input embedding.
     norm_eps:        RMSNorm epsilon.
-    init_std:        std of the normal init of embeddings and projections (projections into
-                     the residual stream use init_std / sqrt(2 * num_layers)).
+    init_std:        std of the normal init of embeddings and projections; 0 (default) =
+                     1/sqrt(d_model), the width-aware fan-in scale (`models.registry.init_std_of`).
+                     Projections into the residual stream use init_std / sqrt(2 * num_layers).
     compute_dtype:   "float32" or "bfloat16" for matmuls; parameters, norms, softmax and the
                      residual stream stay float32.
     remat:           recompute each block in the backward pass (nnx.remat) to save memory.
@@ -69,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.block_pattern = ("attention",)
     config.tie_embeddings = True
     config.norm_eps = 1e-6
-    config.init_std = 0.02
+    config.init_std = 0.0  # 0: 1/sqrt(d_model) (models.registry.init_std_of)
     config.compute_dtype = "float32"
     config.remat = False
     config.loss_chunk_size = 0

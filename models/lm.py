@@ -22,6 +22,7 @@ from models.registry import (
     build_block,
     compute_dtype_of,
     head_dim_of,
+    init_std_of,
     mlp_dim_of,
     register_block,
     register_model,
@@ -60,7 +61,7 @@ class TransformerBlock(nnx.Module):
             num_kv_heads=num_kv_heads,
             window=block_config.window,
             rope_theta=block_config.rope_theta,
-            init_std=model_config.init_std,
+            init_std=init_std_of(model_config),
             out_init_std=out_init_std,
             dtype=dtype,
             rngs=rngs,
@@ -69,7 +70,7 @@ class TransformerBlock(nnx.Module):
         self.mlp = SwiGLU(
             d_model,
             mlp_dim_of(model_config),
-            init_std=model_config.init_std,
+            init_std=init_std_of(model_config),
             out_init_std=out_init_std,
             dtype=dtype,
             rngs=rngs,
@@ -161,7 +162,7 @@ class LanguageModel(nnx.Module):
         self.block_kinds = tuple(pattern[i % len(pattern)] for i in range(model_config.num_layers))
 
         vocab_size, d_model = model_config.vocab_size, model_config.d_model
-        init = nnx.initializers.normal(model_config.init_std)
+        init = nnx.initializers.normal(init_std_of(model_config))
         self.embedding = nnx.Embed(
             vocab_size,
             d_model,

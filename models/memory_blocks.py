@@ -24,6 +24,7 @@ from layers.norms import RMSNorm
 from models.registry import (
     compute_dtype_of,
     head_dim_of,
+    init_std_of,
     mlp_dim_of,
     register_block,
     residual_out_init_std,
@@ -44,7 +45,7 @@ class MemoryBlock(nnx.Module):
         self.mlp = SwiGLU(
             d_model,
             mlp_dim_of(model_config),
-            init_std=model_config.init_std,
+            init_std=init_std_of(model_config),
             out_init_std=residual_out_init_std(model_config),
             dtype=dtype,
             rngs=rngs,
@@ -85,7 +86,7 @@ def _check_options(model_config, block_config) -> dict:
         chunk_size=block_config.chunk_size,
         impl=block_config.impl,
         norm_eps=model_config.norm_eps,
-        init_std=model_config.init_std,
+        init_std=init_std_of(model_config),
         out_init_std=residual_out_init_std(model_config),
         dtype=compute_dtype_of(model_config),
     )

@@ -148,7 +148,26 @@ def mlp_dim_of(model_config) -> int:
     return swiglu_hidden_dim(model_config.d_model)
 
 
+def init_std_of(model_config) -> float:
+    """Init std of embeddings and projections: `model.init_std`, or 1/sqrt(d_model) when it
+    is 0 (the default).
+
+    1/sqrt(d_model) is the fan-in ("LeCun") scale of a projection from the residual stream:
+    its inputs are RMS-normalised, so every projected feature (a query, a key, a gate's
+    pre-activation) starts with unit variance whatever the width, and the tied output head
+    starts with unit-variance logits. A fixed 0.02 (GPT-2's value, which is 1/sqrt(d) only
+    near d = 2500) leaves a d = 64 model's attention logits at std ~0.03 and its gates nearly
+    constant, so the key-matching circuit's gradient starts quadratically small: MQAR stalled
+    on the pre-induction plateau for 1,700 steps at 0.02 and was solved at 0.1 (issue 15).
+    """
+    if model_config.init_std < 0:
+        raise ConfigError(
+            f"model.init_std: must be >= 0 (0 = 1/sqrt(d_model)), got {model_config.init_std}"
+        )
+    return model_config.init_std or model_config.d_model**-0.5
+
+
 def residual_out_init_std(model_config) -> float:
     """Init std of projections that write into the residual stream: init_std / sqrt(2 L)
     (GPT-2, Radford et al. 2019), so the stream's variance at init does not grow with depth."""
-    return model_config.init_std / (2 * model_config.num_layers) ** 0.5
+    return init_std_of(model_config) / (2 * model_config.num_layers) ** 0.5

@@ -44,6 +44,7 @@ from layers.sharding import with_logical_axes
 from models.registry import (
     compute_dtype_of,
     head_dim_of,
+    init_std_of,
     mlp_dim_of,
     register_block,
     residual_out_init_std,
@@ -70,7 +71,7 @@ class _Block(nnx.Module):
         self.mlp = SwiGLU(
             d_model,
             mlp_dim_of(model_config),
-            init_std=model_config.init_std,
+            init_std=init_std_of(model_config),
             out_init_std=residual_out_init_std(model_config),
             dtype=self.dtype,
             rngs=rngs,
@@ -84,7 +85,7 @@ class _Block(nnx.Module):
             num_kv_heads=self.config.num_heads,
             window=block_config.get("window", 0),
             rope_theta=block_config.rope_theta,
-            init_std=self.config.init_std,
+            init_std=init_std_of(self.config),
             out_init_std=residual_out_init_std(self.config),
             dtype=self.dtype,
             rngs=rngs,
@@ -157,12 +158,12 @@ class _GatedBlock(_Block):
     """Blocks with attention over [persistent ‖ ...] and the gate ⊗ (MAG, MAC)."""
 
     def __init__(self, model_config, block_config, *, rngs):
-        init_std, d_model = model_config.init_std, model_config.d_model
+        init_std, d_model = init_std_of(model_config), model_config.d_model
         super().__init__(model_config, block_config, memory_out_std=init_std, rngs=rngs)
         self.attention = self._attention(block_config, rngs)
         # Inputs of the attention are RMS-normalised, so persistent tokens start at unit scale.
         self.persistent = nnx.Param(
-            with_logical_axes(nnx.initializers.normal(1.0), None, "embed")(
+            with_logical_axes(nnx.initializers.normal(1.0), "persistent", "embed")(
                 rngs.params(), (block_config.num_persistent, d_model), jnp.float32
             )
         )
@@ -333,7 +334,7 @@ def _build_memory(model_config, block_config, out_init_std, rngs):
         lr_max=block_config.lr_max,
         impl=block_config.impl,
         norm_eps=model_config.norm_eps,
-        init_std=model_config.init_std,
+        init_std=init_std_of(model_config),
         out_init_std=out_init_std,
         feature_map=block_config.feature_map,
         feature_degree=block_config.feature_degree,

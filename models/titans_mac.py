@@ -10,6 +10,7 @@ from layers.attention import (
 )
 from layers.linear_memory import GatedOutput
 from layers.neural_memory import memory_norms
+from models.registry import init_std_of
 from models.titans import _MEMORY_DEFAULTS, _GatedBlock, _no_packing, _register
 
 
@@ -39,8 +40,8 @@ class MACBlock(_GatedBlock):
             self.memory.num_heads,
             self.memory.head_dim,
             eps=model_config.norm_eps,
-            init_std=model_config.init_std,
-            out_init_std=model_config.init_std,
+            init_std=init_std_of(model_config),
+            out_init_std=init_std_of(model_config),
             dtype=self.dtype,
             rngs=rngs,
         )
