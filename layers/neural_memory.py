@@ -24,7 +24,8 @@ The choices themselves (ℓp / Huber bias, ℓq / KL retention, Muon and Omega r
 `pallas_kernels.neural_memory`; the layer only produces their per-token inputs.
 
 The memory's initial weights M_0 are learned per head (leaves [H, d_in, d_out], logical axes
-("heads", None, None)); the batch starts from the same M_0. Departures from the paper: the
+("heads", "memory_state", "memory_state"): `optim.routing` trains them with AdamW and no
+weight decay); the batch starts from the same M_0. Departures from the paper: the
 inner loss carries a 1/2 (θ is the delta rule's β), the gradient is taken at the retained
 memory exp(g_t) M_{t-1} (as Gated DeltaNet), and lr_max = 0.1 caps θ (titans-pytorch's
 training scripts use 0.1; the paper gives no value).
@@ -153,7 +154,7 @@ class NeuralMemory(nnx.Module):
             self.momentum = linear(num_heads, ("embed", "heads"), bias=0.0)
         self.decay = linear(num_heads, ("embed", "heads"), bias=DECAY_BIAS_INIT)
         weight_init = log_probability_init if spec.retention == "kl" else memory_weight_init
-        init = with_logical_axes(weight_init, "heads", None, None)
+        init = with_logical_axes(weight_init, "heads", "memory_state", "memory_state")
         self.initial_weights = nnx.Dict(
             {
                 name: nnx.Param(init(rngs.params(), (num_heads,) + shape, jnp.float32))

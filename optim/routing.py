@@ -9,10 +9,20 @@ the matrix optimizer (Muon, NorMuon, APOLLO, SlimAdam) iff
 * it is not an embedding or output head (an axis named `vocab`, or `embedding` / `lm_head`
   in its path): those are not hidden matrices and Muon-style updates do not suit them;
   SlimAdam, a drop-in Adam with rules of its own for them, is the exception and takes them,
-* it is not a convolution filter (an axis named `conv`), and
+* it is not a convolution filter (an axis named `conv`),
+* it is not a gate projection (its last axis is named `heads` or `experts`: one scalar per
+  head or expert, such as Titans' θ/η/α, the linear memories' β and decay, ATLAS's Omega
+  gate, Yaad's Huber threshold or MoM's router), which maps features to a handful of
+  gate pre-activations rather than between feature spaces,
+* it is not a memory's learned initial state (an axis named `memory_state`), and
 * its path matches none of `optim.adamw_patterns`.
 
 Everything else goes to AdamW. Every leaf gets exactly one label.
+
+Weight decay (`weight_decay_mask`) applies to matrices only, and neither to gates nor to
+memory initial states: decaying a gate pulls it to its bias's constant, and decaying a
+memory's initial weights changes what the memory computes (Memora's are log-probabilities,
+and for Moneta's ℓq-normalised memory shrinking them grows the effective weights).
 """
 
 import re
@@ -28,6 +38,12 @@ STACK_AXES = ("layers", "heads", "experts")
 ADAMW_LABEL = "adamw"
 # Optimizers that also train embeddings and heads (Adam variants with rules for them).
 VOCAB_OPTIMIZERS = ("slimadam",)
+# A leaf whose last axis has one of these names is a gate projection (module docstring).
+GATE_AXES = ("heads", "experts")
+# The logical axis name of a memory's learned initial state (`layers.neural_memory`).
+MEMORY_STATE_AXIS = "memory_state"
+# Learned token embeddings that are not the vocabulary's (Titans' persistent memory tokens).
+PERSISTENT_AXIS = "persistent"
 
 
 def path_to_str(path) -> str:
@@ -91,6 +107,18 @@ def is_vocab_leaf(path: str, shape, spec) -> bool:
     return "embedding" in path or "lm_head" in path
 
 
+def is_gate_leaf(shape, spec) -> bool:
+    """A projection to one value per head or expert (module docstring)."""
+    names = axis_names(spec, len(shape))
+    return len(shape) - num_stack_axes(spec, len(shape)) >= 2 and any(
+        name in GATE_AXES for name in names[-1]
+    )
+
+
+def is_memory_state_leaf(shape, spec) -> bool:
+    return any(MEMORY_STATE_AXIS in names for names in axis_names(spec, len(shape)))
+
+
 def is_matrix_leaf(
     path: str, shape, spec, patterns: Sequence[re.Pattern], *, take_vocab: bool = False
 ) -> bool:
@@ -100,8 +128,11 @@ def is_matrix_leaf(
         return False
     if not take_vocab and is_vocab_leaf(path, shape, spec):
         return False
-    if any("conv" in names for names in axis_names(spec, ndim)):
-        return False  # a short convolution's taps are not a linear map between features
+    names = axis_names(spec, ndim)
+    if any("conv" in axis or PERSISTENT_AXIS in axis for axis in names):
+        return False  # a convolution's taps or a set of tokens: not a map between features
+    if is_gate_leaf(shape, spec) or is_memory_state_leaf(shape, spec):
+        return False
     return not any(pattern.search(path) for pattern in patterns)
 
 
@@ -133,13 +164,15 @@ def param_groups(optim_config: ml_collections.ConfigDict, params, logical_axes):
 
 
 def weight_decay_mask(params, logical_axes=None):
-    """True where decoupled weight decay applies: not on norms, biases or (stacks of) 1-D
-    params such as gates and memory-layer scalars."""
+    """True where decoupled weight decay applies: not on norms, biases, (stacks of) 1-D
+    params, gate projections or memory initial states (module docstring)."""
     specs = _specs_like(params, logical_axes)
 
     def decays(path, leaf, spec):
         path_str = path_to_str(path)
         if path_str.rsplit("/", 1)[-1] == "bias" or "norm" in path_str:
+            return False
+        if is_gate_leaf(leaf.shape, spec) or is_memory_state_leaf(leaf.shape, spec):
             return False
         return leaf.ndim - num_stack_axes(spec, leaf.ndim) >= 2
 

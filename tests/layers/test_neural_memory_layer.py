@@ -82,7 +82,7 @@ def test_forward_shapes_annotations_and_finite_gradients(spec):
         assert len(axes) == param.get_value().ndim and any(axes), (path, axes)
     for name in names:  # per-head initial memory: a stack of matrices over "heads"
         axes = specs[("initial_weights", name)].get_value()
-        assert tuple(axes) == ("heads", None, None)
+        assert tuple(axes) == ("heads", "memory_state", "memory_state")
 
     def loss(module):
         out, _ = module(_inputs())
