@@ -1,13 +1,15 @@
 """Train every model kind at the same size and steps on MQAR and on the default text corpus.
 
-    python -m benchmarks.model_comparison [--mqar_steps 500] [--text_steps 300]
+    python -m benchmarks.model_comparison [--mqar_steps 0] [--text_steps 300]
         [--models attention,gdn,...] [--no-match_params] [--niah_lengths 64,128]
 
 Per kind (default: every registered block kind, `models.registered_blocks()`):
 
 - MQAR (8 key-value pairs, vocabulary 128, length 64, d_model 64, 2 layers): recall accuracy
-  and loss on the held-out MQAR batches after `--mqar_steps`; then S-NIAH on that model
-  (`evals.recall`, "tokens" format: one key-value pair hidden among random tokens) at
+  and loss on the held-out MQAR batches after `--mqar_steps` (0, the default: each kind's
+  shipped recipe, `configs.mqar.RECIPES`, its learning rate, batch and steps); then S-NIAH
+  on that model (`evals.recall`, "tokens" format: one key-value pair hidden among random
+  tokens) at
   `--niah_lengths`, mean accuracy over needle depths 0, 0.25, ..., 1.
 - text (`configs/default.py`: bytes of the Python standard library, d_model 128): held-out
   bits per byte after `--text_steps` (the held-out cross-entropy in bits; one token is one
@@ -66,9 +68,11 @@ def model_config(kind: str):
 
 
 def mqar_config(kind: str, steps: int):
+    """The kind's MQAR config at `steps` (0: the steps of its shipped recipe,
+    `configs.mqar.RECIPES`, with which it reaches its recall target)."""
     config = model_config(kind)
     config.data.mqar.vocab_size = 128
-    config.train.num_steps = steps
+    config.train.num_steps = steps or config.train.num_steps
     return config
 
 
@@ -250,7 +254,7 @@ def compare(kind: str, args, targets: dict, rows: list, header: dict) -> None:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mqar_steps", type=int, default=500)
+    parser.add_argument("--mqar_steps", type=int, default=0, help="0: each kind's recipe")
     parser.add_argument("--text_steps", type=int, default=300)
     parser.add_argument("--models", default=",".join(models.registered_blocks()))
     parser.add_argument("--match_params", action=argparse.BooleanOptionalAction, default=True)

@@ -10,6 +10,8 @@ the machine and date recorded in the JSON:
     throughput_<backend>.json  -> throughput_<backend>.png  training tokens/s per model, size
     model_comparison.json      -> model_comparison.png      recall, S-NIAH, bits/byte,
                                   tokens/s and decoding-cache bytes per model
+    mqar_recall.json           -> mqar_recall.png           MQAR eval recall vs training
+                                  step of each kind's shipped recipe, one line per seed
 """
 
 import argparse
@@ -134,10 +136,46 @@ def plot_model_comparison(payload: dict, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
+def plot_recall_curves(payload: dict, path: pathlib.Path) -> pathlib.Path:
+    """Recall vs step, one panel per task size, the runs at each kind's shipped recipe
+    (`configs.mqar.RECIPES`): one line per (kind, seed), a colour per kind."""
+    from configs import mqar
+
+    def shipped(row):
+        recipe = mqar.RECIPES.get(row["kind"], mqar.DEFAULT_RECIPE)
+        return row["lr"] == recipe["learning_rate"] and row["batch_size"] == recipe["batch_size"]
+
+    rows = [r for r in payload["rows"] if r.get("curve") and shipped(r)]
+    tasks = sorted({(r["num_kv_pairs"], r["seq_len"]) for r in rows})
+    figure, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 4.8))
+    axes = [axes] if len(tasks) <= 1 else list(axes)
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    colours = plt.get_cmap("tab20")
+    for axis, task in zip(axes, tasks):
+        labelled = set()
+        for row in (r for r in rows if (r["num_kv_pairs"], r["seq_len"]) == task):
+            steps = sorted(row["curve"], key=int)
+            values = [100 * row["curve"][step] for step in steps]
+            colour = colours(kinds.index(row["kind"]) % 20)
+            label = None if row["kind"] in labelled else row["kind"]
+            labelled.add(row["kind"])
+            axis.plot([int(s) for s in steps], values, marker=".", color=colour, label=label)
+        axis.set(xlabel="training step", ylabel="eval recall (%)", ylim=(0, 101))
+        axis.set_title(f"MQAR, {task[0]} pairs, T {task[1]}", fontsize=10)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7, ncol=2, loc="lower right")
+    figure.suptitle("MQAR recall through train.py at each kind's shipped recipe, all seeds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 PLOTTERS = (
     ("layer_cost_*.json", plot_layer_cost),
     ("throughput_*.json", plot_throughput),
     ("model_comparison.json", plot_model_comparison),
+    ("mqar_recall.json", plot_recall_curves),
 )
 
 

@@ -2,10 +2,40 @@
 of whether a sequence mixer can store and retrieve key-value pairs.
 
     python train.py --config=configs/mqar.py --workdir=runs/mqar
-    python train.py --config=configs/mqar.py:swa ...   # sliding-window attention instead
+    python train.py --config=configs/mqar.py:gdn ...   # any block kind: configs/mqar.py:<kind>
+
+The task is the one the recall targets are set for (issue 15; Zoology reports ~100% for
+attention and the delta rule at this width): 8 key-value pairs in 64 tokens, vocabulary
+128, d_model 64, 2 layers. Every kind ships its own learning rate and step count
+(`RECIPES`), chosen by the sweep of `python -m benchmarks.recall_sweep` (results in
+`benchmarks/results/mqar_recall.md`): with them each kind reaches `RECALL_TARGETS[kind]` eval
+recall from seeds that were not the one tuned on. The schedule is constant after the warmup:
+recall appears in a sudden jump (the induction circuit forming) whose step varies by a few
+hundred between seeds, and a decaying learning rate slows the runs that jump late.
 """
 
 from configs import base
+
+# Eval recall each kind reaches with its recipe (issue 15's targets). Linear attention and
+# GLA have none: a state of d x d with no delta rule cannot hold 8 pairs cleanly (Zoology).
+RECALL_TARGETS = {
+    "attention": 0.99,
+    "swa": 0.99,
+    "deltanet": 0.95,
+    "gdn": 0.95,
+    **dict.fromkeys(("lmm", "mag", "mal", "mac", "atlas", "omeganet", "yaad", "mom"), 0.90),
+}
+
+# Per-kind learning rate, steps and batch; kinds absent here use DEFAULT_RECIPE. Batch 64
+# rather than 32: on the 4-pair task attention left the plateau at step 500-600 at batch 64
+# and at 1,100-1,900 at batch 32 (seeds 0-2), so the larger batch costs fewer FLOPs too.
+DEFAULT_RECIPE = {"learning_rate": 3e-3, "num_steps": 1000, "batch_size": 64}
+RECIPES = {
+    "attention": {"learning_rate": 3e-3, "num_steps": 1500, "batch_size": 64},
+    "swa": {"learning_rate": 3e-3, "num_steps": 1500, "batch_size": 64},
+    "gdn": {"learning_rate": 1e-2, "num_steps": 1000, "batch_size": 64},
+    "deltanet": {"learning_rate": 1e-2, "num_steps": 1000, "batch_size": 64},
+}
 
 
 def get_config(variant: str = "attention"):
@@ -13,17 +43,19 @@ def get_config(variant: str = "attention"):
     config.data.name = "mqar"
     config.data.seq_len = 64
     config.data.mqar.num_kv_pairs = 8
-    config.data.mqar.vocab_size = 512  # Zoology uses 8192; smaller learns faster on a CPU
+    config.data.mqar.vocab_size = 128  # Zoology uses 8192; smaller learns faster on a CPU
     config.model.d_model = 64
     config.model.num_layers = 2
     config.model.num_heads = 2
     config.model.block_pattern = (variant,)
-    config.train.num_steps = 300
-    config.train.batch_size = 32
-    config.optim.learning_rate = 3e-3
+    recipe = RECIPES.get(variant, DEFAULT_RECIPE)
+    config.train.num_steps = recipe["num_steps"]
+    config.train.batch_size = recipe["batch_size"]
+    config.optim.learning_rate = recipe["learning_rate"]
+    config.optim.schedule = "constant"
     config.optim.warmup_steps = 30
     config.optim.weight_decay = 0.0
-    config.log.every_steps = 20
-    config.eval.every_steps = 100
-    config.checkpoint.every_steps = 100
+    config.log.every_steps = 50
+    config.eval.every_steps = 250
+    config.checkpoint.every_steps = 500
     return config

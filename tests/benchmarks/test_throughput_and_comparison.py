@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import model_comparison, plots, throughput
+from configs import mqar
 
 
 def _resolved_mqar(kind):
@@ -52,7 +53,9 @@ def test_throughput_row(tmp_path):
         ["--models=attention", "--sizes=tiny", "--steps=1", "--peak_flops=1e9", f"--out={tmp_path}"]
     )
     (row,) = rows
-    assert row["tokens_per_step"] == 32 * 64 and row["tokens_per_second"] > 0
+    tiny = mqar.get_config("attention")
+    tokens_per_step = tiny.train.batch_size * tiny.data.seq_len
+    assert row["tokens_per_step"] == tokens_per_step and row["tokens_per_second"] > 0
     assert row["mfu_estimated"] > 0
     assert json.loads((tmp_path / "throughput_cpu.json").read_text())["peak_flops"] == 1e9
 

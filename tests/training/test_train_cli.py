@@ -11,7 +11,8 @@ import pytest
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
-# A tiny MQAR run: big enough to learn something in 30 steps, small enough to compile fast.
+# A tiny MQAR run, small enough to compile fast. These tests check what a run writes and how
+# it resumes and fails; that models learn to recall is tests/training/test_recall_learning.py.
 TINY = [
     "--config=configs/mqar.py",
     "--config.model.d_model=32",
@@ -56,7 +57,7 @@ def read_metrics(workdir):
     return records
 
 
-def test_tiny_mqar_run_learns_and_logs(tmp_path):
+def test_tiny_mqar_run_logs(tmp_path):
     workdir = tmp_path / "run"
     result = run_train(
         workdir,
@@ -72,7 +73,6 @@ def test_tiny_mqar_run_learns_and_logs(tmp_path):
     assert "step 30/30" in result.stdout and "ETA" in result.stdout and "tok/s" in result.stdout
     metrics = read_metrics(workdir)
     assert sorted(metrics) == [5, 10, 15, 20, 25, 30]
-    assert metrics[30]["loss"] < metrics[5]["loss"] - 0.5, metrics
     for key in ("loss", "learning_rate", "grad_norm", "param_norm", "tokens_per_second"):
         assert key in metrics[5]
     assert {"eval_loss", "eval_accuracy"} <= set(metrics[30])

@@ -1,0 +1,225 @@
+"""MQAR recall of each model kind through `train.py` with its shipped recall config: the
+learning-rate sweep that chose the configs' values, and the check at other seeds.
+
+    python -m benchmarks.recall_sweep --kinds attention,gdn --learning_rates 1e-3,3e-3,1e-2
+    python -m benchmarks.recall_sweep --kinds attention,gdn --seeds 1,2     # shipped lr
+    python -m benchmarks.recall_sweep --kinds attention,gdn --num_kv_pairs 16 --seq_len 128
+
+Every run is `python train.py --config=<the kind's config>` (`recall_config`) in a
+subprocess with overrides for the seed, learning rate and (optionally) the task size; with
+a larger task than the shipped one (`--num_kv_pairs` / `--seq_len`) the step count is scaled
+by `--steps_multiplier` (Zoology-style: twice the steps at 16 pairs, T 128). Runs go to a
+pool of one worker per CPU core, each pinned to its core with single-threaded XLA, so two
+runs on two cores take the time of one. Each run's eval recall (eval accuracy on the
+held-out MQAR stream: the fraction of queried keys whose value is the argmax) is read from
+its `metrics.jsonl` at every eval step.
+
+Results accumulate in `benchmarks/results/mqar_recall.{json,md}`: a new run replaces the
+row of the same (kind, pairs, length, lr, seed, steps) and keeps the others, so a sweep can
+be extended kind by kind. The table gives the final recall, the first step at which recall
+reached the kind's target (`configs.mqar.RECALL_TARGETS`) and the wall time.
+"""
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import time
+
+import models
+from configs import mqar
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# What identifies a run: a new run replaces the stored row with the same values.
+KEY = ("kind", "num_kv_pairs", "seq_len", "batch_size", "lr", "seed", "steps")
+
+
+def recall_config(kind: str) -> str:
+    """The `--config=` argument of a kind's shipped recall config."""
+    families = {"titans.py": ("lmm", "mal", "mag", "mac"), "atlas.py": ("atlas", "omeganet"),
+                "miras.py": ("moneta", "yaad", "memora")}  # fmt: skip
+    for path, kinds in families.items():
+        if kind in kinds:
+            return f"configs/{path}:{kind}"
+    return "configs/mom.py" if kind == "mom" else f"configs/mqar.py:{kind}"
+
+
+def shipped(kind: str):
+    """The kind's shipped recall config (a ConfigDict), through the same config file."""
+    path, _, variant = recall_config(kind).partition(":")
+    module = __import__(path.removesuffix(".py").replace("/", "."), fromlist=["get_config"])
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def run_one(job: dict, cores: "queue.Queue[int]") -> dict:
+    """Train one job on a free core; its eval recall per step from metrics.jsonl."""
+    core = cores.get()
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            command = [sys.executable, "train.py", f"--config={recall_config(job['kind'])}",
+                       f"--workdir={workdir}", *job["overrides"]]  # fmt: skip
+            env = dict(os.environ, XLA_FLAGS=SINGLE_THREADED_XLA, JAX_PLATFORMS="cpu")
+            start = time.perf_counter()
+            result = subprocess.run(
+                command,
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+            )
+            seconds = time.perf_counter() - start
+            curve = {}
+            metrics_path = os.path.join(workdir, "metrics.jsonl")
+            if os.path.exists(metrics_path):
+                with open(metrics_path) as f:
+                    for line in f:
+                        record = json.loads(line)
+                        if "eval_accuracy" in record:
+                            curve[record["step"]] = record["eval_accuracy"]
+    finally:
+        cores.put(core)
+    row = {key: job[key] for key in KEY}
+    target = mqar.RECALL_TARGETS.get(job["kind"])
+    reached = [step for step, value in sorted(curve.items()) if target and value >= target]
+    row.update(
+        recall=curve[max(curve)] if curve else None,
+        curve=curve,
+        target=target,
+        step_reached=reached[0] if reached else None,
+        seconds=round(seconds, 1),
+        returncode=result.returncode,
+        error=result.stderr.strip().splitlines()[-1] if result.returncode else "",
+        command=" ".join(command[1:]).replace(workdir, "WORKDIR"),
+        date=datetime.date.today().isoformat(),
+    )
+    return row
+
+
+def jobs_for(args) -> list[dict]:
+    jobs = []
+    for kind in args.kinds:
+        config = shipped(kind)
+        pairs = args.num_kv_pairs or config.data.mqar.num_kv_pairs
+        seq_len = args.seq_len or config.data.seq_len
+        larger = (pairs, seq_len) != (config.data.mqar.num_kv_pairs, config.data.seq_len)
+        steps = config.train.num_steps * (args.steps_multiplier if larger else 1)
+        steps = args.num_steps or steps
+        batch_size = args.batch_size or config.train.batch_size
+        every = max(1, steps // args.evals_per_run)
+        for lr in args.learning_rates or [config.optim.learning_rate]:
+            for seed in args.seeds:
+                overrides = [
+                    f"--config.seed={seed}",
+                    f"--config.optim.learning_rate={lr}",
+                    f"--config.train.num_steps={steps}",
+                    f"--config.data.mqar.num_kv_pairs={pairs}",
+                    f"--config.data.seq_len={seq_len}",
+                    f"--config.train.batch_size={batch_size}",
+                    f"--config.eval.every_steps={every}",
+                    f"--config.log.every_steps={every}",
+                    f"--config.checkpoint.every_steps={steps}",
+                ]
+                jobs.append(dict(kind=kind, num_kv_pairs=pairs, seq_len=seq_len, lr=lr,
+                                 batch_size=batch_size, seed=seed, steps=steps,
+                                 overrides=overrides))  # fmt: skip
+    return jobs
+
+
+def _key(row):
+    return tuple(row[k] for k in KEY)
+
+
+def load(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def write(rows: list[dict], out: str) -> None:
+    order = {kind: i for i, kind in enumerate(models.registered_blocks())}
+    rows = sorted(rows, key=lambda r: (r["num_kv_pairs"], order.get(r["kind"], 99), _key(r)))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "mqar_recall.json"), "w") as f:
+        json.dump({"rows": rows}, f, indent=1)
+    lines = [
+        "MQAR eval recall through `train.py` and each kind's shipped recall config "
+        "(`python -m benchmarks.recall_sweep`; one worker per core, each pinned, "
+        "single-threaded XLA). `reached` = first eval step with recall >= target.",
+        "",
+        "| kind | pairs | T | batch | lr | seed | steps | recall | target | reached at | wall s "
+        "| date |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        recall = "failed: " + r["error"] if r["returncode"] else f"{100 * r['recall']:.1f}%"
+        if r.get("stopped_at"):  # a run ended early by hand: recall at its last eval
+            recall = f"{100 * r['recall']:.1f}% at step {r['stopped_at']} (stopped)"
+        target = "" if r["target"] is None else f"{100 * r['target']:.0f}%"
+        reached = "—" if r["step_reached"] is None else str(r["step_reached"])
+        lines.append(
+            f"| {r['kind']} | {r['num_kv_pairs']} | {r['seq_len']} | {r['batch_size']} "
+            f"| {r['lr']:g} | {r['seed']} "
+            f"| {r['steps']} | {recall} | {target} | {reached} | {r['seconds']:.0f} "
+            f"| {r['date']} |"
+        )
+    with open(os.path.join(out, "mqar_recall.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _floats(text):
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kinds", default="attention,gdn", help="comma-separated block kinds")
+    parser.add_argument("--learning_rates", type=_floats, default=[], help="default: shipped")
+    parser.add_argument("--seeds", type=_ints, default=[0])
+    parser.add_argument("--num_kv_pairs", type=int, default=0, help="0: the shipped config's")
+    parser.add_argument("--seq_len", type=int, default=0, help="0: the shipped config's")
+    parser.add_argument("--batch_size", type=int, default=0, help="0: the shipped config's")
+    parser.add_argument("--steps_multiplier", type=int, default=2)
+    parser.add_argument("--num_steps", type=int, default=0, help="0: shipped (x multiplier)")
+    parser.add_argument("--evals_per_run", type=int, default=12)
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--cores", type=_ints, default=[], help="CPU cores to pin runs to")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    args.kinds = [kind for kind in args.kinds.split(",") if kind]
+    unknown = sorted(set(args.kinds) - set(models.registered_blocks()))
+    if unknown:
+        parser.error(f"--kinds: unknown block kinds {unknown}")
+
+    cores = queue.Queue()
+    for core in (args.cores or sorted(os.sched_getaffinity(0)))[: args.workers]:
+        cores.put(core)
+    jobs = jobs_for(args)
+    with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        futures = [pool.submit(run_one, job, cores) for job in jobs]
+        for future in concurrent.futures.as_completed(futures):
+            row = future.result()
+            # Re-read before writing: another sweep on other cores may have added rows.
+            rows = {_key(r): r for r in load(os.path.join(args.out, "mqar_recall.json"))}
+            rows[_key(row)] = row
+            write(list(rows.values()), args.out)
+            recall = "failed" if row["returncode"] else f"{row['recall']:.3f}"
+            print(f"{row['kind']} lr={row['lr']:g} seed={row['seed']} pairs="
+                  f"{row['num_kv_pairs']}: recall {recall} (reached at {row['step_reached']}, "
+                  f"{row['seconds']:.0f} s)", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
