@@ -66,7 +66,9 @@ def test_tiny_model_learns_to_recall(kind, tmp_path):
     assert recall >= 0.9, stdout[-2000:]
 
 
-DEEP_MEMORY_KINDS = ("lmm", "mal", "mag", "mac", "omeganet", "yaad", "mom")
+# Every kind with a recall target beyond attention and the delta rule. ATLAS and MoM train at
+# ~1K tokens/s on a 2-core CPU, so their runs take over an hour each.
+DEEP_MEMORY_KINDS = ("lmm", "mal", "mag", "mac", "atlas", "omeganet", "yaad", "mom")
 
 
 @pytest.mark.slow
@@ -79,6 +81,6 @@ def test_shipped_recall_config_reaches_its_target(kind, tmp_path):
         tmp_path,
         "--config.seed=3",
         f"--config.eval.every_steps={config.train.num_steps}",
-        timeout=3600,
+        timeout=3 * 3600,
     )
     assert recall >= mqar.RECALL_TARGETS[kind], stdout[-2000:]
