@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.recall_sweep --kinds attention,gdn --learning_rates 3e-3,1e-2
 	$(PY) -m benchmarks.recall_sweep --kinds $(RECALL_KINDS)
 	$(PY) -m benchmarks.recall_sweep --kinds $(RECALL_KINDS) --seeds 1
+	$(PY) -m benchmarks.recall_sweep --kinds linear_attention,gla
 	$(PY) -m benchmarks.recall_sweep --kinds attention,gdn --num_kv_pairs 16 --seq_len 128 \
 	  --seeds 1
 	$(PY) -m benchmarks.model_comparison --text_steps 300
