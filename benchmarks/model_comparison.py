@@ -7,7 +7,7 @@ Per kind (default: every registered block kind, `models.registered_blocks()`):
 
 - MQAR (8 key-value pairs, vocabulary 128, length 64, d_model 64, 2 layers): recall accuracy
   and loss on the held-out MQAR batches after `--mqar_steps` (0, the default: each kind's
-  shipped recipe, `configs.mqar.RECIPES`, its learning rate, batch and steps); then S-NIAH
+  shipped recipe, `configs.mqar.recipe`, its learning rate, batch and steps); then S-NIAH
   on that model (`evals.recall`, "tokens" format: one key-value pair hidden among random
   tokens) at
   `--niah_lengths`, mean accuracy over needle depths 0, 0.25, ..., 1.
@@ -69,7 +69,7 @@ def model_config(kind: str):
 
 def mqar_config(kind: str, steps: int):
     """The kind's MQAR config at `steps` (0: the steps of its shipped recipe,
-    `configs.mqar.RECIPES`, with which it reaches its recall target)."""
+    `configs.mqar.recipe`, with which it reaches its recall target)."""
     config = model_config(kind)
     config.data.mqar.vocab_size = 128
     config.train.num_steps = steps or config.train.num_steps

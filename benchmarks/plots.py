@@ -138,11 +138,11 @@ def plot_model_comparison(payload: dict, path: pathlib.Path) -> pathlib.Path:
 
 def plot_recall_curves(payload: dict, path: pathlib.Path) -> pathlib.Path:
     """Recall vs step, one panel per task size, the runs at each kind's shipped recipe
-    (`configs.mqar.RECIPES`): one line per (kind, seed), a colour per kind."""
+    (`configs.mqar.recipe`): one line per (kind, seed), a colour per kind."""
     from configs import mqar
 
     def shipped(row):
-        recipe = mqar.RECIPES.get(row["kind"], mqar.DEFAULT_RECIPE)
+        recipe = mqar.recipe(row["kind"])
         return row["lr"] == recipe["learning_rate"] and row["batch_size"] == recipe["batch_size"]
 
     rows = [r for r in payload["rows"] if r.get("curve") and shipped(r)]

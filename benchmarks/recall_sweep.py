@@ -15,7 +15,7 @@ held-out MQAR stream: the fraction of queried keys whose value is the argmax) is
 its `metrics.jsonl` at every eval step.
 
 Results accumulate in `benchmarks/results/mqar_recall.{json,md}`: a new run replaces the
-row of the same (kind, pairs, length, lr, seed, steps) and keeps the others, so a sweep can
+row of the same (kind, pairs, length, batch, lr, seed, steps) and keeps the others, so a sweep can
 be extended kind by kind. The table gives the final recall, the first step at which recall
 reached the kind's target (`configs.mqar.RECALL_TARGETS`) and the wall time.
 """
@@ -32,7 +32,7 @@ import tempfile
 import time
 
 import models
-from configs import mqar
+from configs import atlas, miras, mom, mqar, titans
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -41,20 +41,25 @@ SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_t
 KEY = ("kind", "num_kv_pairs", "seq_len", "batch_size", "lr", "seed", "steps")
 
 
+def _family(kind: str):
+    """(config module, its path, variant) of a kind's shipped recall config."""
+    for module in (titans, atlas, miras):
+        if kind in module.VARIANTS:
+            return module, module.__name__.replace(".", "/") + ".py", kind
+    if kind == "mom":
+        return mom, "configs/mom.py", ""
+    return mqar, "configs/mqar.py", kind
+
+
 def recall_config(kind: str) -> str:
     """The `--config=` argument of a kind's shipped recall config."""
-    families = {"titans.py": ("lmm", "mal", "mag", "mac"), "atlas.py": ("atlas", "omeganet"),
-                "miras.py": ("moneta", "yaad", "memora")}  # fmt: skip
-    for path, kinds in families.items():
-        if kind in kinds:
-            return f"configs/{path}:{kind}"
-    return "configs/mom.py" if kind == "mom" else f"configs/mqar.py:{kind}"
+    _, path, variant = _family(kind)
+    return f"{path}:{variant}" if variant else path
 
 
 def shipped(kind: str):
-    """The kind's shipped recall config (a ConfigDict), through the same config file."""
-    path, _, variant = recall_config(kind).partition(":")
-    module = __import__(path.removesuffix(".py").replace("/", "."), fromlist=["get_config"])
+    """The kind's shipped recall config (a ConfigDict), from the same config file."""
+    module, _, variant = _family(kind)
     return module.get_config(variant) if variant else module.get_config()
 
 
