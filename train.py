@@ -85,8 +85,8 @@ def main(argv):
         fail("--workdir is required (e.g. --workdir=runs/default)")
     # Imports after flag parsing so `--help` and flag errors are instant.
     from configs import base
+    from errors import MnemaxError
     from training import config_validation, loop
-    from training.errors import MnemaxError
 
     try:
         config = config_validation.validate(config, base.get_config())

@@ -13,7 +13,7 @@ shorter than a chunk (8), and spans chunk boundaries.
 """
 
 from configs.miras import memory_config
-from training.errors import ConfigError
+from errors import ConfigError
 
 KINDS = ("atlas", "omeganet")
 VARIANTS = KINDS + tuple(f"{kind}_hybrid" for kind in KINDS)

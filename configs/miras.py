@@ -14,7 +14,7 @@ DeltaNet. Any other mix is a `--config.model.block_pattern` override, e.g.
 """
 
 from configs import mqar
-from training.errors import ConfigError
+from errors import ConfigError
 
 KINDS = ("moneta", "yaad", "memora")
 VARIANTS = KINDS + tuple(f"{kind}_hybrid" for kind in KINDS)

@@ -10,7 +10,7 @@ than the 64-token MQAR sequence, so recall past that has to go through the neura
 """
 
 from configs import mqar
-from training.errors import ConfigError
+from errors import ConfigError
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
 

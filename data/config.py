@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from training.errors import ConfigError
+from errors import ConfigError
 
 DATASET_NAMES = ("text", "tokens", "mqar")
 TOKEN_DTYPES = ("uint16", "uint32")

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from training.errors import DataError
+from errors import DataError
 
 
 def list_files(path: str, key: str, suffixes: tuple[str, ...] | None = None) -> list[Path]:

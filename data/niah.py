@@ -34,7 +34,7 @@ access and deterministic, and never the same draws as an MQAR stream.
 
 import numpy as np
 
-from training.errors import ConfigError
+from errors import ConfigError
 
 FORMATS = ("text", "tokens")
 NIAH_STREAM = 2  # MQAR uses streams 0 (train) and 1 (eval)

@@ -17,7 +17,7 @@ import numpy as np
 from data import mqar, text, tokens
 from data.config import validate
 from data.windows import Windows, held_out_tail_split
-from training.errors import ConfigError
+from errors import ConfigError
 
 EXAMPLE_STREAM_LENGTH = sys.maxsize  # "infinite": MQAR examples are generated per index
 
@@ -38,7 +38,7 @@ def _check_sharding(global_batch_size: int, process_index: int, process_count: i
     return global_batch_size // process_count
 
 
-def _read_corpus(data_config, path: str, key: str):
+def read_corpus(data_config, path: str, key: str):
     if data_config.name == "text":
         return text.read_corpus(path, key, data_config.max_bytes)
     return tokens.read_token_corpus(path, key, data_config.token_dtype, data_config.vocab_size)
@@ -55,9 +55,9 @@ def _corpus_windows(data_config, split: str) -> Windows:
         if split == "eval":
             path, key = (data_config.eval_path, "data.eval_path")
         what = "the training corpus" if split == "train" else "the eval corpus"
-        stream = _read_corpus(data_config, path, key)
+        stream = read_corpus(data_config, path, key)
         return Windows(stream, 0, len(stream), data_config.seq_len, what)
-    stream = _read_corpus(data_config, data_config.path, "data.path")
+    stream = read_corpus(data_config, data_config.path, "data.path")
     train, held_out = held_out_tail_split(stream, data_config.seq_len, data_config.eval_fraction)
     return train if split == "train" else held_out
 

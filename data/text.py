@@ -13,7 +13,7 @@ import numpy as np
 
 from data.files import list_files
 from data.windows import TokenPart, TokenStream
-from training.errors import DataError
+from errors import DataError
 
 DOCUMENT_SEPARATOR = b"\x00"
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from data.files import list_files
 from data.windows import TokenPart, TokenStream, check_token_range
-from training.errors import DataError
+from errors import DataError
 
 TOKEN_SUFFIXES = (".bin", ".npy")
 SCAN_TOKENS = 1 << 26  # 64 Mi tokens per file are scanned up front

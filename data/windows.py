@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from training.errors import DataError
+from errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from errors import CheckpointError, MnemaxError
 from models.registry import build_model
-from training.errors import CheckpointError, MnemaxError
 
 # Positions of the logits computed at once when scoring: [B, chunk, V] is the largest array,
 # so a long sequence with a big vocabulary never materialises [B, T, V].

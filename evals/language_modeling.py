@@ -29,8 +29,8 @@ import numpy as np
 
 from data import pipeline
 from data.windows import Windows, held_out_tail_split
+from errors import ConfigError, MnemaxError
 from evals import common
-from training.errors import ConfigError, MnemaxError
 
 DEFAULT_MULTIPLES = (1, 2, 4, 8)
 
@@ -43,9 +43,9 @@ def held_out_span(data_config):
             f"{data_config.name!r}"
         )
     if data_config.eval_path:
-        stream = pipeline._read_corpus(data_config, data_config.eval_path, "data.eval_path")
+        stream = pipeline.read_corpus(data_config, data_config.eval_path, "data.eval_path")
         return stream, 0, len(stream)
-    stream = pipeline._read_corpus(data_config, data_config.path, "data.path")
+    stream = pipeline.read_corpus(data_config, data_config.path, "data.path")
     _, held_out = held_out_tail_split(stream, data_config.seq_len, data_config.eval_fraction)
     return stream, held_out.start, len(stream)
 

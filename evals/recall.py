@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 
 from data import mqar, niah
+from errors import ConfigError
 from evals import common
-from training.errors import ConfigError
 
 TASKS = ("mqar", "niah")
 DEFAULT_KV_PAIRS = (4, 8, 16, 32, 64)

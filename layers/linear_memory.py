@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.norms import rms_norm
+from layers.gated_output import GatedOutput
+from layers.norms import l2_normalize
 from layers.sharding import with_logical_axes
 from layers.short_conv import ShortConv
 from pallas_kernels import linear_memory as recurrences
@@ -61,12 +62,6 @@ def decay_parameters(num_heads: int, rngs: nnx.Rngs):
     return nnx.Param(a_log), nnx.Param(dt_bias)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """x / sqrt(‖x‖² + eps) over the last axis, in float32 (fla's l2norm), cast back."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
 def log_decay(a_logits: jax.Array, a_log: jax.Array, dt_bias: jax.Array) -> jax.Array:
     """GDN / Mamba2 data-dependent log decay g = -exp(A_log) softplus(a + dt_bias), float32."""
     a_logits = a_logits.astype(jnp.float32)
@@ -90,36 +85,6 @@ def run_recurrence(rule, q, k, v, g, beta, *, initial_state, output_final_state,
 def state_norm(state: jax.Array) -> jax.Array:
     """Mean Frobenius norm of the per-head states [..., Dk, Dv] (a logged metric)."""
     return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1))))
-
-
-class GatedOutput(nnx.Module):
-    """y = (RMSNorm(o) ⊙ SiLU(x W_gate)) W_out, RMSNorm over each head's Dv (one shared scale,
-    as fla's FusedRMSNormGated); W_out uses `out_init_std` (it writes the residual stream)."""
-
-    def __init__(self, d_model, num_heads, value_dim, *, eps, init_std, out_init_std, dtype, rngs):
-        def linear(features_in, features_out, std, axes):
-            return nnx.Linear(
-                features_in,
-                features_out,
-                use_bias=False,
-                dtype=dtype,
-                kernel_init=with_logical_axes(nnx.initializers.normal(std), *axes),
-                rngs=rngs,
-            )
-
-        self.gate = linear(d_model, num_heads * value_dim, init_std, ("embed", "qkv"))
-        self.out = linear(num_heads * value_dim, d_model, out_init_std, ("qkv", "embed"))
-        self.norm_scale = nnx.Param(
-            with_logical_axes(nnx.initializers.ones, "norm")(None, (value_dim,), jnp.float32)
-        )
-        self.eps = eps
-        self.dtype = dtype
-
-    def __call__(self, o: jax.Array, x: jax.Array) -> jax.Array:
-        """o [B, T, H, Dv] (memory readout), x [B, T, D] (the mixer input) -> [B, T, D]."""
-        gate = self.gate(x).reshape(o.shape).astype(jnp.float32)
-        normed = rms_norm(o, self.norm_scale[...], self.eps) * jax.nn.silu(gate)
-        return self.out(normed.reshape(*o.shape[:2], -1).astype(self.dtype))
 
 
 class LinearMemory(nnx.Module):

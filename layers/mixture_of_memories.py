@@ -36,17 +36,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.gated_output import GatedOutput
 from layers.linear_memory import (
     DECAY_RULES,
     DELTA_RULES,
     RULES,
-    GatedOutput,
     decay_parameters,
-    l2_normalize,
     log_decay,
     run_recurrence,
     state_norm,
 )
+from layers.norms import l2_normalize
 from layers.sharding import with_logical_axes
 from layers.short_conv import ShortConv, conv_kernel_init, subsequence_causal_conv
 

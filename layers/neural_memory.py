@@ -48,14 +48,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from errors import DataError
 from layers.feature_maps import FEATURE_MAPS, PolynomialFeatureMap
-from layers.linear_memory import GatedOutput, l2_normalize
+from layers.gated_output import GatedOutput
+from layers.norms import l2_normalize
 from layers.sharding import with_logical_axes
 from layers.short_conv import ShortConv
 from pallas_kernels import neural_memory as recurrence
 from pallas_kernels.neural_memory import MemorySpec, NeuralMemoryState, api
 from pallas_kernels.neural_memory.chunked import PAD_VALUES, chunk_step
-from training.errors import DataError
 
 # Gate biases at init: θ = lr_max / 2, η = 1/2, α = sigmoid(-4) ≈ 0.018 (the memory keeps
 # ~98% per token, a half-life of ~38 tokens; sigmoid(0) = 1/2 would forget almost at once).

@@ -14,6 +14,12 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return x32 * inverse_rms * scale.astype(jnp.float32)
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / sqrt(‖x‖² + eps) over the last axis, in float32 (fla's l2norm), cast back."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm over the last axis with a learned per-feature scale (initialised to 1).
 

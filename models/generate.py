@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from training.errors import ConfigError
+from errors import ConfigError
 
 
 def greedy_tokens(logits: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from errors import ConfigError
 from layers.attention import Attention
 from layers.mlp import SwiGLU
 from layers.norms import RMSNorm
@@ -28,7 +29,6 @@ from models.registry import (
     register_model,
     residual_out_init_std,
 )
-from training.errors import ConfigError
 
 
 class TransformerBlock(nnx.Module):
@@ -109,9 +109,9 @@ def _transformer_block(kind):
     return factory
 
 
-_ATTENTION_DEFAULTS = {"window": 0, "rope_theta": 10000.0, "num_kv_heads": 0}
-register_block("attention", defaults=_ATTENTION_DEFAULTS)(_transformer_block("attention"))
-register_block("swa", defaults={**_ATTENTION_DEFAULTS, "window": 256})(_transformer_block("swa"))
+ATTENTION_DEFAULTS = {"window": 0, "rope_theta": 10000.0, "num_kv_heads": 0}
+register_block("attention", defaults=ATTENTION_DEFAULTS)(_transformer_block("attention"))
+register_block("swa", defaults={**ATTENTION_DEFAULTS, "window": 256})(_transformer_block("swa"))
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

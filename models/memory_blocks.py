@@ -17,6 +17,7 @@ memory state does not grow, so max_length and positions are not needed).
 import jax.numpy as jnp
 from flax import nnx
 
+from errors import ConfigError
 from layers.linear_memory import RULES, LinearMemory
 from layers.mixture_of_memories import MixtureOfMemories
 from layers.mlp import SwiGLU
@@ -30,7 +31,6 @@ from models.registry import (
     residual_out_init_std,
 )
 from pallas_kernels.linear_memory.api import IMPLS
-from training.errors import ConfigError
 
 
 class MemoryBlock(nnx.Module):
@@ -102,7 +102,7 @@ def _named(kind, build):
         raise ConfigError(prefix + message) from None
 
 
-_MEMORY_DEFAULTS = {
+MEMORY_DEFAULTS = {
     "num_heads": 0,
     "head_dim": 0,
     "expand_v": 1,
@@ -127,7 +127,7 @@ def _linear_memory_block(kind, rule):
 
         return _named(kind, build)
 
-    register_block(kind, defaults=_MEMORY_DEFAULTS)(factory)
+    register_block(kind, defaults=MEMORY_DEFAULTS)(factory)
 
 
 _linear_memory_block("linear_attention", "linear_attention")
@@ -139,7 +139,7 @@ _linear_memory_block("gdn", "gated_deltanet")
 @register_block(
     "mom",
     defaults={
-        **_MEMORY_DEFAULTS,
+        **MEMORY_DEFAULTS,
         "num_memories": 4,
         "top_k": 2,
         "shared_memory": True,

@@ -40,7 +40,7 @@ training form takes each gradient at the chunk-start memory (Titans §3.2), as f
 deep memory here.
 """
 
-from models.titans import _MEMORY_DEFAULTS, LMMBlock, _register
+from models.titans import MEMORY_DEFAULTS, LMMBlock, register_memory_block
 
 OMEGA_WINDOW = 4
 POLYNOMIAL_DEGREE = 2
@@ -60,4 +60,4 @@ KIND_DEFAULTS = {
 }
 
 for _kind, _overrides in KIND_DEFAULTS.items():
-    _register(_kind, LMMBlock, {**_MEMORY_DEFAULTS, **_overrides})
+    register_memory_block(_kind, LMMBlock, {**MEMORY_DEFAULTS, **_overrides})

@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from errors import ConfigError
 from layers.mlp import swiglu_hidden_dim
-from training.errors import ConfigError
 
 AUX_LOSS_PREFIX = "aux_loss/"
 

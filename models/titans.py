@@ -24,10 +24,13 @@ and equals the full forward, chunk for chunk (see `layers.neural_memory` for the
 chunk-aligned memory cache); MAC decodes token by token.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from errors import ConfigError, DataError
 from layers.attention import (
     Attention,
     attention_mask,
@@ -51,10 +54,9 @@ from models.registry import (
 )
 from pallas_kernels.neural_memory import MemorySpec
 from pallas_kernels.neural_memory.api import IMPLS
-from training.errors import ConfigError, DataError
 
 
-def _no_packing(segment_ids):
+def reject_packing(segment_ids):
     if segment_ids is not None:
         raise DataError("segment_ids: Titans blocks do not support packed sequences")
 
@@ -154,7 +156,7 @@ class MALBlock(_Block):
         return self._mlp_residual(x), {"memory": memory_cache, "attention": attention_cache}
 
 
-class _GatedBlock(_Block):
+class GatedAttentionBlock(_Block):
     """Blocks with attention over [persistent ‖ ...] and the gate ⊗ (MAG, MAC)."""
 
     def __init__(self, model_config, block_config, *, rngs):
@@ -209,7 +211,7 @@ class _GatedBlock(_Block):
         return self.gate_out((y * jax.nn.sigmoid(m)).astype(self.dtype)).astype(jnp.float32)
 
 
-class MAGBlock(_GatedBlock):
+class MAGBlock(GatedAttentionBlock):
     """MAG (§4.2, eqs. 26-28): y = SW-Attn*([p ‖ x]), o = y ⊗ M(x), as one pre-norm residual
     x + o on x̂ = RMSNorm(x), then SwiGLU.
 
@@ -218,7 +220,7 @@ class MAGBlock(_GatedBlock):
     """
 
     def __call__(self, x, *, positions, segment_ids=None):
-        _no_packing(segment_ids)
+        reject_packing(segment_ids)
         normed = self.memory_norm(x)
         remembered, aux = self.memory(normed)
         query, key, value = self.attention.project(normed, positions)
@@ -260,22 +262,17 @@ class MAGBlock(_GatedBlock):
         return self._mlp_residual(x + self.gate(attended, remembered)), new_cache
 
 
-_MEMORY_DEFAULTS = {
+# The memory's four choices and their parameters are MemorySpec's fields, with its defaults
+# (its eps fields stay internal; norm_eps comes from model.norm_eps).
+SPEC_OPTIONS = tuple(
+    field.name
+    for field in dataclasses.fields(MemorySpec)
+    if field.name not in ("norm_eps", "lp_eps", "lq_eps")
+)
+MEMORY_DEFAULTS = {
     "num_heads": 0,
     "head_dim": 0,
-    "architecture": "mlp",
-    "depth": 2,
-    "expansion": 2,
-    "activation": "gelu",
-    "bias": "l2",
-    "lp_p": 3.0,  # bias "lp" (Moneta's p)
-    "retention": "gated_decay",
-    "lq_q": 4.0,  # retention "lq" (Moneta's q)
-    "kl_scale": 1.0,  # retention "kl" (Memora): weights kl_scale x sqrt(d_in) x softmax
-    "rule": "momentum",
-    "ns_steps": 5,  # rule "muon": Newton-Schulz steps and their (a, b, c)
-    "ns_coefficients": (3.4445, -4.7750, 2.0315),
-    "omega_window": 1,  # ATLAS eq. 9's c; 1 = the online rule
+    **{name: getattr(MemorySpec(), name) for name in SPEC_OPTIONS},
     "feature_map": "identity",  # or "polynomial" (ATLAS)
     "feature_degree": 2,
     "chunk_size": 16,
@@ -283,7 +280,17 @@ _MEMORY_DEFAULTS = {
     "lr_max": 0.1,
     "impl": "auto",
 }
-_ATTENTION_DEFAULTS = {"window": 256, "rope_theta": 10000.0}
+ATTENTION_DEFAULTS = {"window": 256, "rope_theta": 10000.0}
+
+
+def _as_field_type(name, value):
+    """A config value as MemorySpec's field wants it (floats from ints, tuples from lists)."""
+    default = getattr(MemorySpec(), name)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple):
+        return tuple(float(item) for item in value)
+    return value
 
 
 def _build_memory(model_config, block_config, out_init_std, rngs):
@@ -307,19 +314,7 @@ def _build_memory(model_config, block_config, out_init_std, rngs):
         raise ConfigError(f"feature_map: {block_config.feature_map!r} is not one of {known}")
     try:
         spec = MemorySpec(
-            architecture=block_config.architecture,
-            depth=block_config.depth,
-            expansion=block_config.expansion,
-            activation=block_config.activation,
-            bias=block_config.bias,
-            lp_p=float(block_config.lp_p),
-            retention=block_config.retention,
-            lq_q=float(block_config.lq_q),
-            kl_scale=float(block_config.kl_scale),
-            rule=block_config.rule,
-            ns_steps=block_config.ns_steps,
-            ns_coefficients=tuple(float(c) for c in block_config.ns_coefficients),
-            omega_window=block_config.omega_window,
+            **{name: _as_field_type(name, block_config[name]) for name in SPEC_OPTIONS},
             norm_eps=model_config.norm_eps,
         )
     except ValueError as error:  # "MemorySpec.<field>=...; expected one of ..."
@@ -343,7 +338,7 @@ def _build_memory(model_config, block_config, out_init_std, rngs):
     )
 
 
-def _register(kind, block_class, defaults):
+def register_memory_block(kind, block_class, defaults):
     def factory(model_config, block_config, *, layer_index, rngs):
         del layer_index  # every layer of a kind is built the same way
         try:
@@ -366,6 +361,8 @@ def _register(kind, block_class, defaults):
     register_block(kind, defaults=defaults)(factory)
 
 
-_register("lmm", LMMBlock, _MEMORY_DEFAULTS)
-_register("mal", MALBlock, {**_MEMORY_DEFAULTS, **_ATTENTION_DEFAULTS})
-_register("mag", MAGBlock, {**_MEMORY_DEFAULTS, **_ATTENTION_DEFAULTS, "num_persistent": 4})
+register_memory_block("lmm", LMMBlock, MEMORY_DEFAULTS)
+register_memory_block("mal", MALBlock, {**MEMORY_DEFAULTS, **ATTENTION_DEFAULTS})
+register_memory_block(
+    "mag", MAGBlock, {**MEMORY_DEFAULTS, **ATTENTION_DEFAULTS, "num_persistent": 4}
+)

@@ -8,13 +8,18 @@ import jax.numpy as jnp
 from layers.attention import (
     attention_mask,
 )
-from layers.linear_memory import GatedOutput
+from layers.gated_output import GatedOutput
 from layers.neural_memory import memory_norms
 from models.registry import init_std_of
-from models.titans import _MEMORY_DEFAULTS, _GatedBlock, _no_packing, _register
+from models.titans import (
+    MEMORY_DEFAULTS,
+    GatedAttentionBlock,
+    register_memory_block,
+    reject_packing,
+)
 
 
-class MACBlock(_GatedBlock):
+class MACBlock(GatedAttentionBlock):
     """MAC (§4.1, eqs. 21-25), segment by segment (length N = segment_size, `lax.scan`):
 
         h   = M*_{s-1}(q_s)                    retrieval, no update (eq. 21), q_s = x_s W_Q
@@ -47,7 +52,7 @@ class MACBlock(_GatedBlock):
         )
 
     def __call__(self, x, *, positions, segment_ids=None):
-        _no_packing(segment_ids)
+        reject_packing(segment_ids)
         outputs, state, _ = self.segments(x, positions)
         return self._mlp_residual(x + outputs), memory_norms(state)
 
@@ -171,11 +176,11 @@ class MACBlock(_GatedBlock):
 # ---- registration ----------------------------------------------------------------------------
 
 
-_register(
+register_memory_block(
     "mac",
     MACBlock,
     {
-        **_MEMORY_DEFAULTS,
+        **MEMORY_DEFAULTS,
         "rope_theta": 10000.0,
         "num_persistent": 4,
         "segment_size": 64,

@@ -14,10 +14,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from errors import ConfigError
 from optim import apollo, muon, normuon, routing, slimadam
 from optim.config import OPTIMIZER_NAMES
 from optim.schedules import learning_rate_schedule
-from training.errors import ConfigError
 
 
 def _path_lookup(table: dict):

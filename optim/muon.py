@@ -35,7 +35,7 @@ def momentum_step(grads, buffers, beta: float, nesterov: bool):
     return direction, new_buffers
 
 
-def _check_matrices(tree, name: str):
+def check_matrices(tree, name: str):
     for leaf in jax.tree.leaves(tree):
         if leaf.ndim < 2:
             raise ValueError(f"{name} only takes (stacks of) matrices, got shape {leaf.shape}")
@@ -53,7 +53,7 @@ def scale_by_muon(
     update_scale(1, 1, scale)  # validates the rule name now, not at the first step
 
     def init_fn(params):
-        _check_matrices(params, "muon")
+        check_matrices(params, "muon")
         return MuonState(momentum=jax.tree.map(jnp.zeros_like, params))
 
     def update_fn(updates, state, params=None):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim.muon import _check_matrices, momentum_step
+from optim.muon import check_matrices, momentum_step
 from optim.newton_schulz import ns_dtype, orthogonalize, update_scale
 from optim.tree_utils import map_unzip
 
@@ -44,7 +44,7 @@ def scale_by_normuon(
     update_scale(1, 1, scale)
 
     def init_fn(params):
-        _check_matrices(params, "normuon")
+        check_matrices(params, "normuon")
         return NorMuonState(
             momentum=jax.tree.map(jnp.zeros_like, params),
             neuron_second_moment=jax.tree.map(

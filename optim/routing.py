@@ -32,7 +32,7 @@ import jax
 import ml_collections
 from jax.sharding import PartitionSpec
 
-from training.errors import ConfigError
+from errors import ConfigError
 
 STACK_AXES = ("layers", "heads", "experts")
 ADAMW_LABEL = "adamw"

@@ -7,7 +7,7 @@ schedule, scaled to its own peak learning rate, so one config section describes 
 import ml_collections
 import optax
 
-from training.errors import ConfigError
+from errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
 

@@ -12,7 +12,7 @@ import data as data_lib
 from optim import slimadam
 from training import sharding as sharding_lib
 from training.state import ModelSpec, init_params
-from training.step import _model_terms
+from training.step import model_terms
 
 
 def needs_calibration(optim_config) -> bool:
@@ -25,7 +25,7 @@ def slimadam_axes(config, spec: ModelSpec, mesh) -> dict:
     params = jax.jit(lambda: init_params(config.model, config.seed), out_shardings=replicated)()
 
     def loss(params, batch):
-        terms = _model_terms(spec, params, batch)
+        terms = model_terms(spec, params, batch)
         return terms["ce_sum"] / terms["count"] + terms["aux_loss"]
 
     # Replicated gradients: every process can read them whole.

@@ -13,7 +13,7 @@ import sys
 import jax
 import orbax.checkpoint as ocp
 
-from training.errors import CheckpointError
+from errors import CheckpointError
 
 
 def check_directory(directory: str) -> None:

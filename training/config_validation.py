@@ -12,8 +12,8 @@ import ml_collections
 
 import data as data_lib
 import optim
+from errors import ConfigError
 from models import registry
-from training.errors import ConfigError
 
 # Keys whose change does not make a workdir a different run (resume may extend or re-log).
 RESUMABLE_CHANGES = ("train.num_steps", "log", "eval", "checkpoint", "mesh")

@@ -18,11 +18,11 @@ import numpy as np
 
 import data as data_lib
 import optim
+from errors import CheckpointError, ConfigError, NonFiniteError
 from evals.during_training import TrainingEvals
 from training import calibration, config_validation
 from training import checkpoint as checkpoint_lib
 from training import sharding as sharding_lib
-from training.errors import CheckpointError, ConfigError, NonFiniteError
 from training.metrics import MetricsLogger, Throughput
 from training.state import abstract_like, create_train_state, model_spec
 from training.step import make_eval_step, make_train_step

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from training.errors import ConfigError
+from errors import ConfigError
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")

@@ -13,7 +13,7 @@ from flax import nnx
 from training.state import ModelSpec, TrainState
 
 
-def _model_terms(spec: ModelSpec, params, batch):
+def model_terms(spec: ModelSpec, params, batch):
     model = nnx.merge(spec.graphdef, params, spec.rest)
     return model.loss_terms(batch)
 
@@ -29,7 +29,7 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, schedule,
     inject_at = train_config.get("inject_nonfinite_at_step", -1)
 
     def micro_loss(params, micro_batch, total_count):
-        terms = _model_terms(spec, params, micro_batch)
+        terms = model_terms(spec, params, micro_batch)
         loss = terms["ce_sum"] / total_count + terms["aux_loss"] / num_micro
         return loss, terms
 
@@ -89,7 +89,7 @@ def make_train_step(spec: ModelSpec, tx: optax.GradientTransformation, schedule,
 
 def make_eval_step(spec: ModelSpec):
     def eval_step(params, batch):
-        terms = _model_terms(spec, params, batch)
+        terms = model_terms(spec, params, batch)
         return {key: terms[key] for key in ("ce_sum", "correct", "count")}
 
     return eval_step

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optim.newton_schulz import QUINTIC_COEFFICIENTS
 from pallas_kernels.neural_memory import choices_miras as miras
 from pallas_kernels.neural_memory.choices_architecture import (  # noqa: F401 (re-exported)
     ACTIVATIONS,
@@ -323,7 +324,7 @@ class MemorySpec:
     lq_eps: float = 1e-12
     kl_scale: float = 1.0
     ns_steps: int = 5
-    ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    ns_coefficients: tuple[float, float, float] = QUINTIC_COEFFICIENTS  # Muon's
     omega_window: int = 1
 
     def __post_init__(self):

@@ -4,8 +4,8 @@ import ml_collections
 import pytest
 
 import data
+from errors import ConfigError
 from tests.data.helpers import make_config
-from training.errors import ConfigError
 
 
 def test_defaults_validate_and_vocab_sizes():

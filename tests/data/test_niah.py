@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data import niah
-from training.errors import ConfigError
+from errors import ConfigError
 
 DEPTHS = [0.0, 0.1, 0.5, 0.9, 1.0]
 

@@ -5,8 +5,8 @@ import pytest
 
 import data
 from data import text, tokens
+from errors import DataError
 from tests.data.helpers import make_config, take, write_tokens_npy
-from training.errors import DataError
 
 
 def first_batch(config, global_batch_size=2):

@@ -7,9 +7,9 @@ from flax import nnx
 
 from configs import base
 from data.windows import Windows
+from errors import ConfigError
 from evals import common, language_modeling
 from models.registry import build_model
-from training.errors import ConfigError
 
 SEQ_LEN = 16
 

@@ -9,9 +9,9 @@ from flax import nnx
 
 from configs import base
 from data import mqar
+from errors import ConfigError
 from evals import common, recall
 from models.registry import build_model
-from training.errors import ConfigError
 
 VOCAB = 64
 

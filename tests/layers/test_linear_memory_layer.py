@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 import models
+from errors import ConfigError
 from layers.linear_memory import LinearMemory
 from layers.short_conv import causal_depthwise_conv
 from models import registry
-from training.errors import ConfigError
 
 BATCH, LENGTH, WIDTH, HEADS, HEAD_DIM = 2, 11, 16, 2, 8
 RULES = ("linear_attention", "gla", "deltanet", "gated_deltanet")

@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 import models
+from errors import ConfigError
 from layers.mixture_of_memories import MixtureOfMemories, load_balance_loss, route
 from layers.short_conv import causal_depthwise_conv, subsequence_causal_conv
 from models import registry
 from pallas_kernels.linear_memory import gated_delta_rule
-from training.errors import ConfigError
 
 BATCH, LENGTH, WIDTH, HEADS, HEAD_DIM = 2, 10, 16, 2, 8
 # float32 throughout: the same math along two routes (packed vs separate, cached vs full,

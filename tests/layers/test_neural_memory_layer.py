@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from errors import DataError
 from layers.neural_memory import NeuralMemory
 from pallas_kernels import linear_memory
 from pallas_kernels.neural_memory import MemorySpec
-from training.errors import DataError
 
 BATCH, LENGTH, WIDTH, HEADS, HEAD_DIM = 2, 11, 32, 2, 16
 # float32 throughout: two implementations of the same sums in another order agree to ~1e-6

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import models
+from errors import ConfigError
 from models import registry
 from models.generate import (
     generate,
@@ -17,7 +18,6 @@ from models.generate import (
     top_k_filter,
     top_p_filter,
 )
-from training.errors import ConfigError
 
 BATCH, VOCAB, WIDTH = 2, 32, 32
 # float32 throughout: cached decoding and the full forward compute the same sums in another

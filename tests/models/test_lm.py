@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 import models
+from errors import ConfigError
 from models import registry
 from models.lm import LanguageModel, TransformerBlock, segment_positions
-from training.errors import ConfigError
 
 BATCH, LENGTH, VOCAB, WIDTH = 2, 16, 32, 32
 # float32 model outputs computed along two routes of the same math (packed vs separate,

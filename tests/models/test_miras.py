@@ -18,10 +18,10 @@ from flax import nnx
 import models
 from configs import atlas as atlas_configs
 from configs import miras as miras_configs
+from errors import ConfigError
 from layers.neural_memory import NeuralMemory, memory_norms
 from models import registry
-from tests.models.test_titans import VOCAB, WIDTH, _decode, _logits, _tokens
-from training.errors import ConfigError
+from tests.models.test_titans import VOCAB, WIDTH, decode, logits_of, random_tokens
 
 KINDS = ("atlas", "omeganet", "moneta", "yaad", "memora")
 # float32: cached decoding and the full forward compute the same sums in another order
@@ -93,10 +93,10 @@ def test_memora_scale_is_a_config_option():
 @pytest.mark.parametrize("kind", ("atlas",))
 def test_hybrid_with_sliding_window_attention_decodes(kind):
     model = _model((kind, "swa"))
-    tokens = _tokens()
+    tokens = random_tokens()
     np.testing.assert_allclose(
-        _decode(model, tokens, (1,) * 3 + (6, 1, 1), max_length=tokens.shape[1]),
-        _logits(model, tokens),
+        decode(model, tokens, (1,) * 3 + (6, 1, 1), max_length=tokens.shape[1]),
+        logits_of(model, tokens),
         atol=TOL,
         rtol=TOL,
     )

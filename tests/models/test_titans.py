@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import models
-from training.errors import ConfigError, DataError
+from errors import ConfigError, DataError
 
 KINDS = ("lmm", "mal", "mag", "mac")
 DECODING_KINDS = ("lmm", "mal", "mag", "mac")
@@ -45,12 +45,12 @@ def _model(kind, options=()):
     return models.build_model(_config(kind, **dict(options)), rngs=nnx.Rngs(0))
 
 
-def _tokens(length=LENGTH, seed=1):
+def random_tokens(length=LENGTH, seed=1):
     return jax.random.randint(jax.random.key(seed), (BATCH, length), 0, VOCAB, jnp.int32)
 
 
 @nnx.jit
-def _logits(model, tokens):
+def logits_of(model, tokens):
     return model.logits(tokens)
 
 
@@ -62,7 +62,7 @@ def _extend(model, tokens, cache, positions):
 @pytest.mark.parametrize("kind", KINDS)
 def test_forward_annotations_gradients_and_metrics(kind):
     model = _model(kind)
-    hidden, aux = model(_tokens())
+    hidden, aux = model(random_tokens())
     assert hidden.shape == (BATCH, LENGTH, WIDTH) and bool(jnp.all(jnp.isfinite(hidden)))
     assert "layer_00/memory_norm/W1" in aux and float(aux["layer_00/memory_norm/W1"]) > 0
 
@@ -72,7 +72,7 @@ def test_forward_annotations_gradients_and_metrics(kind):
         axes = specs[path].get_value()
         assert len(axes) == param.get_value().ndim and any(axes), (path, axes)
 
-    batch = {"inputs": _tokens(), "targets": _tokens(seed=2)}
+    batch = {"inputs": random_tokens(), "targets": random_tokens(seed=2)}
     batch["mask"] = jnp.ones_like(batch["inputs"], jnp.float32)
 
     def loss(module):
@@ -93,9 +93,9 @@ def test_outputs_do_not_depend_on_later_tokens(kind):
     """Causality, incl. MAC's retrieved tokens h_j and its per-token memory reads, and the
     padding of T = 11 to whole segments: changing tokens 6.. leaves logits 0..5 unchanged."""
     model = _model(kind)
-    tokens = _tokens()
+    tokens = random_tokens()
     changed = tokens.at[:, 6:].set((tokens[:, 6:] + 5) % VOCAB)
-    before, after = _logits(model, tokens), _logits(model, changed)
+    before, after = logits_of(model, tokens), logits_of(model, changed)
     np.testing.assert_allclose(before[:, :6], after[:, :6], atol=TOL, rtol=TOL)
     assert float(jnp.max(jnp.abs(before[:, 6:] - after[:, 6:]))) > 1e-3
 
@@ -104,13 +104,13 @@ def test_mac_memory_carries_information_across_segments():
     """With segment_size 4 the attention of tokens 8.. never sees tokens 0..3; only the
     memory (retrieval h and the gated read) can carry them."""
     model = _model("mac")
-    tokens = _tokens()
+    tokens = random_tokens()
     changed = tokens.at[:, :4].set((tokens[:, :4] + 7) % VOCAB)
-    difference = jnp.abs(_logits(model, tokens)[:, 8:] - _logits(model, changed)[:, 8:])
+    difference = jnp.abs(logits_of(model, tokens)[:, 8:] - logits_of(model, changed)[:, 8:])
     assert float(jnp.max(difference)) > 1e-4
 
 
-def _decode(model, tokens, pieces, max_length=16):
+def decode(model, tokens, pieces, max_length=16):
     cache = model.init_cache(BATCH, max_length)
     start, outputs = 0, []
     for length in pieces:
@@ -127,9 +127,9 @@ def test_decoding_equals_the_full_forward(kind):
     prefill of 5 crosses a chunk boundary (prefills at the default options: every kind in
     tests/models/test_generate.py)."""
     model = _model(kind)
-    tokens = _tokens()
+    tokens = random_tokens()
     np.testing.assert_allclose(
-        _decode(model, tokens, (5, 1, 1, 4)), _logits(model, tokens), atol=TOL, rtol=TOL
+        decode(model, tokens, (5, 1, 1, 4)), logits_of(model, tokens), atol=TOL, rtol=TOL
     )
 
 
@@ -137,9 +137,9 @@ def test_mac_decoding_with_chunks_that_straddle_segments():
     """chunk_size 3, segment_size 4: the forward restarts chunks at every segment, so the
     decoding cache must end a chunk at a segment's end as well as after 3 tokens."""
     model = _model("mac", (("chunk_size", 3),))
-    tokens = _tokens()
+    tokens = random_tokens()
     np.testing.assert_allclose(
-        _decode(model, tokens, (5, 1, 1, 4)), _logits(model, tokens), atol=TOL, rtol=TOL
+        decode(model, tokens, (5, 1, 1, 4)), logits_of(model, tokens), atol=TOL, rtol=TOL
     )
 
 
@@ -149,9 +149,9 @@ def test_token_decoding_equals_the_exact_rule_forward(kind):
     `impl="reference"` oracle in tests/layers/test_neural_memory_layer.py), and so is
     decoding one token at a time."""
     model = _model(kind, (("chunk_size", 1),))
-    tokens = _tokens()
+    tokens = random_tokens()
     np.testing.assert_allclose(
-        _decode(model, tokens, (1,) * LENGTH), _logits(model, tokens), atol=TOL, rtol=TOL
+        decode(model, tokens, (1,) * LENGTH), logits_of(model, tokens), atol=TOL, rtol=TOL
     )
 
 
@@ -174,4 +174,4 @@ def test_bad_options_name_their_key(kind, key, value, message):
 def test_packed_sequences_are_refused(kind):
     segment_ids = jnp.zeros((BATCH, LENGTH), jnp.int32)
     with pytest.raises(DataError, match="segment_ids"):
-        _model(kind)(_tokens(), segment_ids=segment_ids)
+        _model(kind)(random_tokens(), segment_ids=segment_ids)

@@ -7,9 +7,9 @@ import optax
 import pytest
 
 import optim
+from errors import ConfigError
 from optim import muon, routing
 from tests.optim.trees import MATRIX_LEAVES, lm_params_and_axes
-from training.errors import ConfigError
 
 
 def _flat(tree):

@@ -8,8 +8,8 @@ import ml_collections
 import pytest
 
 from configs import base
+from errors import ConfigError
 from training import config_validation
-from training.errors import ConfigError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
 CONFIG_FILES = sorted(

@@ -7,11 +7,11 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import base
+from errors import ConfigError
 from training import config_validation
 from training import sharding as sharding_lib
-from training.errors import ConfigError
 from training.state import init_params, match_param_shardings, model_spec
-from training.step import _model_terms
+from training.step import model_terms
 
 # Cross-device reductions add in a different order than one device does: float32 sums of
 # ~1e3 terms agree to a few ulps, so 1e-5 relative with a 1e-6 floor for near-zero grads.
@@ -31,7 +31,7 @@ def tiny_config():
 
 def loss_and_grads(config, spec, params, batch, mesh=None):
     def loss_fn(params):
-        terms = _model_terms(spec, params, batch)
+        terms = model_terms(spec, params, batch)
         return terms["ce_sum"] / terms["count"] + terms["aux_loss"]
 
     fn = jax.value_and_grad(loss_fn)

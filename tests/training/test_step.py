@@ -80,8 +80,8 @@ def test_nonfinite_update_leaves_state_untouched():
 def test_slimadam_snr_calibration_feeds_the_optimizer():
     import pytest
 
+    from errors import ConfigError
     from training import calibration
-    from training.errors import ConfigError
 
     config = tiny_config()
     config.optim.name, config.optim.slimadam.rules = "slimadam", "snr"

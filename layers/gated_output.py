@@ -1,0 +1,39 @@
+"""The output block of the memory mixers (Gated DeltaNet §3.4, fla's FusedRMSNormGated):
+shared by `LinearMemory`, `MixtureOfMemories`, `NeuralMemory` and MAC's retrieval path."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.norms import rms_norm
+from layers.sharding import with_logical_axes
+
+
+class GatedOutput(nnx.Module):
+    """y = (RMSNorm(o) ⊙ SiLU(x W_gate)) W_out, RMSNorm over each head's Dv (one shared scale,
+    as fla's FusedRMSNormGated); W_out uses `out_init_std` (it writes the residual stream)."""
+
+    def __init__(self, d_model, num_heads, value_dim, *, eps, init_std, out_init_std, dtype, rngs):
+        def linear(features_in, features_out, std, axes):
+            return nnx.Linear(
+                features_in,
+                features_out,
+                use_bias=False,
+                dtype=dtype,
+                kernel_init=with_logical_axes(nnx.initializers.normal(std), *axes),
+                rngs=rngs,
+            )
+
+        self.gate = linear(d_model, num_heads * value_dim, init_std, ("embed", "qkv"))
+        self.out = linear(num_heads * value_dim, d_model, out_init_std, ("qkv", "embed"))
+        self.norm_scale = nnx.Param(
+            with_logical_axes(nnx.initializers.ones, "norm")(None, (value_dim,), jnp.float32)
+        )
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, o: jax.Array, x: jax.Array) -> jax.Array:
+        """o [B, T, H, Dv] (memory readout), x [B, T, D] (the mixer input) -> [B, T, D]."""
+        gate = self.gate(x).reshape(o.shape).astype(jnp.float32)
+        normed = rms_norm(o, self.norm_scale[...], self.eps) * jax.nn.silu(gate)
+        return self.out(normed.reshape(*o.shape[:2], -1).astype(self.dtype))
