@@ -12,23 +12,22 @@ layer writes, after its projections, convolutions and normalisations):
                      recalls every pair written so far (forgetting shows here),
     value_norm[t]    ||v_t||  the scale the errors compare to (0 error = perfect recall),
 
-each averaged over batch rows and heads ([T] arrays). M(k) is the memory's own read:
-  * deep memories (block kinds lmm, mal, mag and the ATLAS / Miras kinds atlas, omeganet,
-    moneta, yaad, memora; any Miras choice): M(k) = the memory network at k on the effective
-    weights (lq's normalised accumulator, kl's softmax), M_t as the layer computes it in
-    training, i.e. the chunk-start rule (`reference.chunk_start_scan`: gradients at the
-    chunk-start point, Titans eqs. 16-18, with the Omega window) with the layer's chunk size.
-  * matrix memories (linear_attention, gla, deltanet, gdn): M(k) = S^T k, S_t as in
-    `layers.linear_memory` (for linear attention / GLA, S^T k is not trained towards v, so
-    their errors grow with the number of tokens by construction).
-  * Mixture-of-Memories (mom): every memory (the routed ones and the shared one) as above,
-    on its own keys and values; a memory's errors count only the tokens routed to it
-    (`written`), its recall error the pairs it has stored; the state norm is the mean over
-    all memories and heads.
-  * Titans MAC: the deep memory as above, on what MAC writes to it -- each segment's
-    attention outputs (`MACBlock.segments`); needs segment_size a multiple of chunk_size.
-Layers without a memory trained in the forward pass (attention, swa) and unknown kinds are
-listed with the reason.
+each averaged over batch rows and heads ([T] arrays). Every block says what its memory
+writes (`block.memory_writes`, a record of `layers.memory_writes`), and the trace replays it
+with the memory's own read M(k):
+  * DeepMemoryWrites (Titans, ATLAS and Miras kinds; MAC on its segments' attention
+    outputs): M(k) = the memory network at k on the effective weights (lq's normalised
+    accumulator, kl's softmax), M_t as the layer computes it in training, i.e. the
+    chunk-start rule (`reference.chunk_start_scan`: gradients at the chunk-start point,
+    Titans eqs. 16-18, with the Omega window) with the layer's chunk size.
+  * MatrixMemoryWrites (linear attention, GLA, DeltaNet, Gated DeltaNet): M(k) = S^T k, S_t
+    as in `layers.linear_memory` (for linear attention / GLA, S^T k is not trained towards
+    v, so their errors grow with the number of tokens by construction). Mixture-of-Memories
+    folds its memories (the routed ones and the shared one) into heads and marks which
+    (token, head) pairs were routed (`written`): a memory's errors count only its tokens,
+    its recall error the pairs it has stored; the state norm is the mean over all of them.
+  * NoMemory (attention, swa; MAC when its segments do not align with the memory's chunks):
+    the layer is listed with the block's reason.
 
     trace(model, tokens) -> {"layer_00": {"kind", "state_norm", ... [T] numpy}, ...,
                              "layer_01": {"kind": "attention", "skipped": reason}}
@@ -41,9 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.linear_memory import DECAY_RULES, DELTA_RULES, LinearMemory
-from layers.mixture_of_memories import MixtureOfMemories
-from layers.neural_memory import NeuralMemory
+from layers.linear_memory import DECAY_RULES, DELTA_RULES
+from layers.memory_writes import DeepMemoryWrites, MatrixMemoryWrites, NoMemory
 from pallas_kernels.neural_memory import reference
 
 QUANTITIES = ("state_norm", "error_before", "error_after", "recall_error", "value_norm")
@@ -160,93 +158,41 @@ def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None, written=None):
     return per_token, jnp.moveaxis(outputs, 0, 1)
 
 
-def _memory_of(block):
-    """(kind, memory or block, its input norm) with kind "neural" / "linear" / "mixture" /
-    "mac", or (None, reason, None)."""
-    if type(block).__name__ == "MACBlock":
-        if block.segment_size % block.memory.chunk_size:
-            reason = (f"MAC segment_size {block.segment_size} is not a multiple of the "
-                      f"memory's chunk_size {block.memory.chunk_size}: not traced")  # fmt: skip
-            return None, reason, None
-        return "mac", block, None
-    memory = getattr(block, "memory", None)
-    if isinstance(memory, NeuralMemory) and hasattr(block, "memory_norm"):
-        return "neural", memory, block.memory_norm
-    mixer = getattr(block, "mixer", None)
-    if isinstance(mixer, LinearMemory):
-        return "linear", mixer, block.mixer_norm
-    if isinstance(mixer, MixtureOfMemories):
-        return "mixture", mixer, block.mixer_norm
-    return None, "no matrix or neural memory in this block", None
-
-
 @nnx.jit
 def _block_inputs(model, tokens):
-    """The residual stream entering each block: [num_layers] x [B, T, D]."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape).astype(jnp.int32)
-    x = model.embedding(tokens).astype(jnp.float32)
-    inputs = []
-    for block in model.blocks:
-        inputs.append(x)
-        x, _ = block(x, positions=positions)
-    return inputs
+    return model.block_inputs(tokens)
 
 
 @nnx.jit
-def _trace_neural(memory, norm, x):
-    inputs, _ = memory.features(norm(x))
-    state = memory.initial_state(x.shape[0])
-    return neural_memory_trace(memory.spec, inputs, state, memory.chunk_size)[0]
-
-
-@nnx.jit
-def _trace_linear(mixer, norm, x):
-    q, k, v, g, beta, _ = mixer.features(norm(x))
-    return linear_memory_trace(mixer.rule, q, k, v, g, beta)[0]
-
-
-@nnx.jit
-def _trace_mixture(mixer, norm, x):
-    features = mixer.features(norm(x))[0]
-    inputs = (features[name] for name in ("q", "k", "v", "g", "beta"))
-    return linear_memory_trace(mixer.rule, *inputs, written=features["written"])[0]
-
-
-@nnx.jit
-def _trace_mac(block, x):
-    """MAC's memory writes the attention outputs of each segment (`MACBlock.segments`); its
-    chunks restart at every segment, which is the sequence-wide chunking when segment_size
-    is a multiple of chunk_size (checked by `_memory_of`). Padding to whole segments comes
-    after the real tokens and is cut off."""
-    length = x.shape[1]
-    positions = jnp.broadcast_to(jnp.arange(length), x.shape[:2]).astype(jnp.int32)
-    writes = block.segments(x, positions)[2]
-    state = block.memory.initial_state(x.shape[0])
-    traced = neural_memory_trace(block.memory.spec, writes, state, block.memory.chunk_size)[0]
-    return {name: value[:length] for name, value in traced.items()}
+def _trace_block(block, x):
+    """The block's own account of what its memory writes (`block.memory_writes`, the probe
+    contract of `models.registry`), replayed token by token."""
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]).astype(jnp.int32)
+    writes = block.memory_writes(x, positions=positions)
+    if isinstance(writes, DeepMemoryWrites):
+        traced, _ = neural_memory_trace(
+            writes.spec, writes.inputs, writes.initial_state, writes.chunk_size
+        )
+        return {name: value[: writes.length] for name, value in traced.items()}
+    if isinstance(writes, MatrixMemoryWrites):
+        inputs = (writes.q, writes.k, writes.v, writes.g, writes.beta)
+        return linear_memory_trace(writes.rule, *inputs, written=writes.written)[0]
+    return writes
 
 
 def trace(model, tokens) -> dict[str, dict]:
     """Per-layer memory diagnostics of `model` (a `models.lm.LanguageModel`) reading
     `tokens` [B, T] int: see the module docstring for the quantities ([T] numpy arrays)."""
     tokens = jnp.asarray(tokens, jnp.int32)
-    block_inputs = _block_inputs(model, tokens)
     result = {}
-    for index, (block, x) in enumerate(zip(model.blocks, block_inputs)):
-        name = f"layer_{index:02d}"
-        kind, memory, norm = _memory_of(block)
+    for index, (block, x) in enumerate(zip(model.blocks, _block_inputs(model, tokens))):
+        traced = _trace_block(block, x)
         entry = {"kind": model.block_kinds[index]}
-        if kind == "neural":
-            entry.update(jax.device_get(_trace_neural(memory, norm, x)))
-        elif kind == "linear":
-            entry.update(jax.device_get(_trace_linear(memory, norm, x)))
-        elif kind == "mixture":
-            entry.update(jax.device_get(_trace_mixture(memory, norm, x)))
-        elif kind == "mac":
-            entry.update(jax.device_get(_trace_mac(memory, x)))
+        if isinstance(traced, NoMemory):
+            entry["skipped"] = traced.reason
         else:
-            entry["skipped"] = memory
-        result[name] = entry
+            entry.update(jax.device_get(traced))
+        result[f"layer_{index:02d}"] = entry
     return result
 
 

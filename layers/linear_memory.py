@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.gated_output import GatedOutput
+from layers.memory_writes import MatrixMemoryWrites
 from layers.norms import l2_normalize
 from layers.sharding import with_logical_axes
 from layers.short_conv import ShortConv
@@ -178,6 +179,11 @@ class LinearMemory(nnx.Module):
         if self.rule in DELTA_RULES:
             beta = jax.nn.sigmoid(self.beta(x).astype(jnp.float32))
         return q, k, v, g, beta, new_cache
+
+    def writes(self, x) -> MatrixMemoryWrites:
+        """What the memory writes reading x [B, T, D] (the probe contract)."""
+        q, k, v, g, beta, _ = self.features(x)
+        return MatrixMemoryWrites(self.rule, q, k, v, g, beta)
 
     def _recurrence(self, q, k, v, g, beta, *, initial_state=None, segment_ids=None):
         return run_recurrence(

@@ -46,6 +46,7 @@ from layers.linear_memory import (
     run_recurrence,
     state_norm,
 )
+from layers.memory_writes import MatrixMemoryWrites
 from layers.norms import l2_normalize
 from layers.sharding import with_logical_axes
 from layers.short_conv import ShortConv, conv_kernel_init, subsequence_causal_conv
@@ -296,6 +297,13 @@ class MixtureOfMemories(nnx.Module):
         if self.conv_size == 0:
             del new_cache["conv_key"], new_cache["conv_value"]
         return features, new_cache, mix, (probabilities, chosen)
+
+    def writes(self, x) -> MatrixMemoryWrites:
+        """Every memory's writes reading x [B, T, D], memories folded into heads, with which
+        (token, head) pairs were routed there (the probe contract)."""
+        features = self.features(x)[0]
+        inputs = (features[name] for name in ("q", "k", "v", "g", "beta"))
+        return MatrixMemoryWrites(self.rule, *inputs, written=features["written"])
 
     def __call__(self, x, *, segment_ids=None):
         """x [B, T, D] -> (y [B, T, D], aux): 'aux_loss/load_balance', 'load/memory_<m>'

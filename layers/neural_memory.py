@@ -51,6 +51,7 @@ from flax import nnx
 from errors import DataError
 from layers.feature_maps import FEATURE_MAPS, PolynomialFeatureMap
 from layers.gated_output import GatedOutput
+from layers.memory_writes import DeepMemoryWrites
 from layers.norms import l2_normalize
 from layers.sharding import with_logical_axes
 from layers.short_conv import ShortConv
@@ -228,6 +229,11 @@ class NeuralMemory(nnx.Module):
         if self.spec.omega_window > 1:
             inputs["omega_gate"] = jax.nn.sigmoid(self.omega_gate(x).astype(jnp.float32))
         return inputs, new_states
+
+    def writes(self, x) -> DeepMemoryWrites:
+        """What the memory writes reading x [B, T, D] (the probe contract)."""
+        inputs, _ = self.features(x)
+        return DeepMemoryWrites(self.spec, self.chunk_size, inputs, self.initial_state(x.shape[0]))
 
     @property
     def input_names(self) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from errors import ConfigError
 from layers.attention import Attention
+from layers.memory_writes import NoMemory
 from layers.mlp import SwiGLU
 from layers.norms import RMSNorm
 from layers.sharding import with_logical_axes
@@ -83,6 +84,10 @@ class TransformerBlock(nnx.Module):
         x = x + attended.astype(jnp.float32)
         return self._mlp_residual(x), {}
 
+    def memory_writes(self, x, *, positions):
+        del x, positions
+        return NoMemory("attention keeps every key and value; no memory is trained")
+
     def init_cache(self, batch_size: int, max_length: int):
         """The attention's KV cache (see `layers.attention.Attention.init_cache`)."""
         return self.attention.init_cache(batch_size, max_length)
@@ -97,21 +102,9 @@ class TransformerBlock(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
 
 
-def _transformer_block(kind):
-    def factory(model_config, block_config, *, layer_index, rngs):
-        try:
-            return TransformerBlock(model_config, block_config, layer_index=layer_index, rngs=rngs)
-        except ConfigError as error:  # name the sub-section the bad option came from
-            message = str(error)
-            prefix = "" if message.startswith("model.") else f"model.{kind}."
-            raise ConfigError(prefix + message) from None
-
-    return factory
-
-
 ATTENTION_DEFAULTS = {"window": 0, "rope_theta": 10000.0, "num_kv_heads": 0}
-register_block("attention", defaults=ATTENTION_DEFAULTS)(_transformer_block("attention"))
-register_block("swa", defaults={**ATTENTION_DEFAULTS, "window": 256})(_transformer_block("swa"))
+register_block("attention", defaults=ATTENTION_DEFAULTS)(TransformerBlock)
+register_block("swa", defaults={**ATTENTION_DEFAULTS, "window": 256})(TransformerBlock)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -191,6 +184,16 @@ class LanguageModel(nnx.Module):
         aux holds every block's entries, keyed 'aux_loss/layer_ii/<name>' (auxiliary
         losses) or 'layer_ii/<name>' (metrics).
         """
+        x, aux, _ = self._run_blocks(inputs, segment_ids, positions)
+        return self.final_norm(x), aux
+
+    def block_inputs(self, inputs, *, positions=None) -> list[jax.Array]:
+        """The residual stream entering each block, [B, T, D] float32 per block: what the
+        evals probe a block with (`block.memory_writes`)."""
+        return self._run_blocks(inputs, None, positions)[2]
+
+    def _run_blocks(self, inputs, segment_ids, positions):
+        """-> (the last block's output, aux, the input of every block)."""
         if positions is None:
             if segment_ids is None:
                 positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
@@ -199,11 +202,12 @@ class LanguageModel(nnx.Module):
         positions = positions.astype(jnp.int32)
         x = self.embedding(inputs).astype(jnp.float32)
         apply_block = nnx.remat(_apply_block) if self.remat else _apply_block
-        aux = {}
+        aux, block_inputs = {}, []
         for layer_index, block in enumerate(self.blocks):
+            block_inputs.append(x)
             x, block_aux = apply_block(block, x, positions, segment_ids)
             aux.update({_layer_key(layer_index, k): v for k, v in block_aux.items()})
-        return self.final_norm(x), aux
+        return x, aux, block_inputs
 
     def output_kernel(self) -> jax.Array:
         """The [D, V] matrix that maps hidden states to logits (embedding.T when tied)."""

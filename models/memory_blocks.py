@@ -59,6 +59,10 @@ class MemoryBlock(nnx.Module):
         mixed, aux = self.mixer(self.mixer_norm(x), segment_ids=segment_ids)
         return self._mlp(x + mixed.astype(jnp.float32)), aux
 
+    def memory_writes(self, x, *, positions):
+        del positions
+        return self.mixer.writes(self.mixer_norm(x))
+
     def init_cache(self, batch_size: int, max_length: int):
         del max_length  # the state has a fixed size
         return self.mixer.init_cache(batch_size)
@@ -92,16 +96,6 @@ def _check_options(model_config, block_config) -> dict:
     )
 
 
-def _named(kind, build):
-    """Run `build`, prefixing a ConfigError with the sub-section the bad option came from."""
-    try:
-        return build()
-    except ConfigError as error:
-        message = str(error)
-        prefix = "" if message.startswith("model.") else f"model.{kind}."
-        raise ConfigError(prefix + message) from None
-
-
 MEMORY_DEFAULTS = {
     "num_heads": 0,
     "head_dim": 0,
@@ -115,17 +109,13 @@ MEMORY_DEFAULTS = {
 def _linear_memory_block(kind, rule):
     def factory(model_config, block_config, *, layer_index, rngs):
         del layer_index  # every layer of a kind is built the same way
-
-        def build():
-            mixer = LinearMemory(
-                model_config.d_model,
-                rule=rule,
-                **_check_options(model_config, block_config),
-                rngs=rngs,
-            )
-            return MemoryBlock(model_config, mixer, rngs=rngs)
-
-        return _named(kind, build)
+        mixer = LinearMemory(
+            model_config.d_model,
+            rule=rule,
+            **_check_options(model_config, block_config),
+            rngs=rngs,
+        )
+        return MemoryBlock(model_config, mixer, rngs=rngs)
 
     register_block(kind, defaults=MEMORY_DEFAULTS)(factory)
 
@@ -149,30 +139,26 @@ _linear_memory_block("gdn", "gated_deltanet")
 )
 def _mom_block(model_config, block_config, *, layer_index, rngs):
     del layer_index
-
-    def build():
-        options = _check_options(model_config, block_config)
-        if block_config.rule not in RULES:
-            raise ConfigError(f"rule: {block_config.rule!r} is not one of {', '.join(RULES)}")
-        if block_config.num_memories < 1:
-            raise ConfigError(f"num_memories: must be >= 1, got {block_config.num_memories}")
-        if not 1 <= block_config.top_k <= block_config.num_memories:
-            raise ConfigError(
-                f"top_k: must be in [1, num_memories={block_config.num_memories}], "
-                f"got {block_config.top_k}"
-            )
-        if block_config.aux_loss_coef < 0:
-            raise ConfigError(f"aux_loss_coef: must be >= 0, got {block_config.aux_loss_coef}")
-        mixer = MixtureOfMemories(
-            model_config.d_model,
-            num_memories=block_config.num_memories,
-            top_k=block_config.top_k,
-            shared_memory=block_config.shared_memory,
-            aux_loss_coef=block_config.aux_loss_coef,
-            rule=block_config.rule,
-            **options,
-            rngs=rngs,
+    options = _check_options(model_config, block_config)
+    if block_config.rule not in RULES:
+        raise ConfigError(f"rule: {block_config.rule!r} is not one of {', '.join(RULES)}")
+    if block_config.num_memories < 1:
+        raise ConfigError(f"num_memories: must be >= 1, got {block_config.num_memories}")
+    if not 1 <= block_config.top_k <= block_config.num_memories:
+        raise ConfigError(
+            f"top_k: must be in [1, num_memories={block_config.num_memories}], "
+            f"got {block_config.top_k}"
         )
-        return MemoryBlock(model_config, mixer, rngs=rngs)
-
-    return _named("mom", build)
+    if block_config.aux_loss_coef < 0:
+        raise ConfigError(f"aux_loss_coef: must be >= 0, got {block_config.aux_loss_coef}")
+    mixer = MixtureOfMemories(
+        model_config.d_model,
+        num_memories=block_config.num_memories,
+        top_k=block_config.top_k,
+        shared_memory=block_config.shared_memory,
+        aux_loss_coef=block_config.aux_loss_coef,
+        rule=block_config.rule,
+        **options,
+        rngs=rngs,
+    )
+    return MemoryBlock(model_config, mixer, rngs=rngs)

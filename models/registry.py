@@ -17,7 +17,17 @@ loss, the others are logged as metrics), and for recurrent decoding
     block.extend(x [B, T, D], cache, *, positions [B, T]) -> (y [B, T, D], new_cache)
 
 where `extend` processes T new tokens that follow the cached ones (T = 1 decodes, T = the
-prompt length prefills) and must equal the full forward on the whole sequence.
+prompt length prefills) and must equal the full forward on the whole sequence, and for the
+evals (the probe contract)
+
+    block.memory_writes(x [B, T, D], *, positions [B, T]) -> a `layers.memory_writes` record
+
+saying what the block's memory writes reading x (or `NoMemory(reason)`), so that
+`evals.memory_behaviour` can replay any block without knowing its class.
+
+A factory raises `ConfigError` naming its option ("window: must be >= 0"); `build_block`
+prefixes the sub-section ("model.swa.window: ...") unless the message already names a key
+of `model` itself.
 """
 
 from collections.abc import Callable, Mapping
@@ -110,7 +120,12 @@ def build_block(
             f"(registered: {known})"
         )
     block_config = _block_config(model_config, kind)
-    return _BLOCKS[kind](model_config, block_config, layer_index=layer_index, rngs=rngs)
+    try:
+        return _BLOCKS[kind](model_config, block_config, layer_index=layer_index, rngs=rngs)
+    except ConfigError as error:  # a factory names its option; say which sub-section
+        message = str(error)
+        prefix = "" if message.startswith("model.") else f"model.{kind}."
+        raise ConfigError(prefix + message) from None
 
 
 # Readers of the shared `model` section that every block factory needs.

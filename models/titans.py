@@ -79,6 +79,12 @@ class _Block(nnx.Module):
             rngs=rngs,
         )
 
+    def memory_writes(self, x, *, positions):
+        """What the memory writes (the probe contract): it reads RMSNorm(x) in LMM, MAL and
+        MAG alike."""
+        del positions
+        return self.memory.writes(self.memory_norm(x))
+
     def _attention(self, block_config, rngs):
         return Attention(
             self.config.d_model,
@@ -341,22 +347,15 @@ def _build_memory(model_config, block_config, out_init_std, rngs):
 def register_memory_block(kind, block_class, defaults):
     def factory(model_config, block_config, *, layer_index, rngs):
         del layer_index  # every layer of a kind is built the same way
-        try:
-            if block_config.get("window", 0) < 0:
-                raise ConfigError(f"window: must be >= 0, got {block_config.window}")
-            if block_config.get("num_persistent", 1) < 1:
-                raise ConfigError(
-                    f"num_persistent: must be >= 1, got {block_config.num_persistent}"
-                )
-            if block_config.get("segment_size", 1) < 1:
-                raise ConfigError(f"segment_size: must be >= 1, got {block_config.segment_size}")
-            if "rope_theta" in block_config and head_dim_of(model_config) % 2:
-                raise ConfigError("model.head_dim: RoPE needs an even head_dim")
-            return block_class(model_config, block_config, rngs=rngs)
-        except ConfigError as error:  # name the sub-section the bad option came from
-            message = str(error)
-            prefix = "" if message.startswith("model.") else f"model.{kind}."
-            raise ConfigError(prefix + message) from None
+        if block_config.get("window", 0) < 0:
+            raise ConfigError(f"window: must be >= 0, got {block_config.window}")
+        if block_config.get("num_persistent", 1) < 1:
+            raise ConfigError(f"num_persistent: must be >= 1, got {block_config.num_persistent}")
+        if block_config.get("segment_size", 1) < 1:
+            raise ConfigError(f"segment_size: must be >= 1, got {block_config.segment_size}")
+        if "rope_theta" in block_config and head_dim_of(model_config) % 2:
+            raise ConfigError("model.head_dim: RoPE needs an even head_dim")
+        return block_class(model_config, block_config, rngs=rngs)
 
     register_block(kind, defaults=defaults)(factory)
 

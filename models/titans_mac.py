@@ -5,10 +5,12 @@ kind "mac". The shared parts (memory construction, gating, options) are in `mode
 import jax
 import jax.numpy as jnp
 
+from errors import ConfigError
 from layers.attention import (
     attention_mask,
 )
 from layers.gated_output import GatedOutput
+from layers.memory_writes import DeepMemoryWrites, NoMemory
 from layers.neural_memory import memory_norms
 from models.registry import init_std_of
 from models.titans import (
@@ -17,6 +19,8 @@ from models.titans import (
     register_memory_block,
     reject_packing,
 )
+
+WRITE_STREAMS = ("attention", "residual")
 
 
 class MACBlock(GatedAttentionBlock):
@@ -40,6 +44,12 @@ class MACBlock(GatedAttentionBlock):
     def __init__(self, model_config, block_config, *, rngs):
         super().__init__(model_config, block_config, rngs=rngs)
         self.segment_size = block_config.segment_size
+        if block_config.write_stream not in WRITE_STREAMS:
+            raise ConfigError(
+                f"write_stream: {block_config.write_stream!r} is not one of "
+                f"{', '.join(WRITE_STREAMS)}"
+            )
+        self.write_stream = block_config.write_stream
         self.retrieval_out = GatedOutput(
             model_config.d_model,
             self.memory.num_heads,
@@ -55,6 +65,13 @@ class MACBlock(GatedAttentionBlock):
         reject_packing(segment_ids)
         outputs, state, _ = self.segments(x, positions)
         return self._mlp_residual(x + outputs), memory_norms(state)
+
+    def written(self, normed, attended):
+        """What the memory is trained on: the attention output y (eq. 24 as written) or,
+        with write_stream "residual", the attention layer's residual output RMSNorm(x) + y."""
+        if self.write_stream == "residual":
+            return (normed.astype(jnp.float32) + attended).astype(self.dtype)
+        return attended.astype(self.dtype)
 
     def segments(self, x, positions):
         """The segment loop -> (gated outputs [B, T, D], final memory state, the memory's
@@ -84,7 +101,7 @@ class MACBlock(GatedAttentionBlock):
             keys = jnp.concatenate([key_h, key], axis=1)
             values = jnp.concatenate([value_h, value], axis=1)
             attended = self.attend(query, keys, values, mask)
-            inputs, conv_states = self.memory.features(attended.astype(self.dtype), conv_states)
+            inputs, conv_states = self.memory.features(self.written(x_s, attended), conv_states)
             read_out, state = self.memory.recur(inputs, state)
             remembered = self.memory.output(read_out, attended.astype(self.dtype))
             return (state, conv_states), (self.gate(attended, remembered), inputs)
@@ -103,6 +120,20 @@ class MACBlock(GatedAttentionBlock):
             return jnp.moveaxis(a, 0, 1).reshape(batch, num_segments * size, *a.shape[3:])
 
         return unsegment(outputs)[:, :length], state, jax.tree.map(unsegment, writes)
+
+    def memory_writes(self, x, *, positions):
+        """What MAC writes to its memory (the probe contract): each segment's attention
+        outputs. Its chunks restart at every segment, which is the sequence-wide chunking
+        only when segment_size is a multiple of chunk_size; padding to whole segments comes
+        after the real tokens (`length` cuts it off)."""
+        if self.segment_size % self.memory.chunk_size:
+            return NoMemory(
+                f"MAC segment_size {self.segment_size} is not a multiple of the memory's "
+                f"chunk_size {self.memory.chunk_size}: not traced"
+            )
+        writes = self.segments(x, positions)[2]
+        state = self.memory.initial_state(x.shape[0])
+        return DeepMemoryWrites(self.memory.spec, self.memory.chunk_size, writes, state, x.shape[1])
 
     # Decoding: the segment's retrieval memory M*_{s-1}, the memory's chunk cache (whose
     # chunks restart at every segment, as `recur` per segment does), the conv states of
@@ -147,7 +178,9 @@ class MACBlock(GatedAttentionBlock):
             values = write(carry["value"], value_h.astype(self.dtype), value.astype(self.dtype))
             mask = jnp.broadcast_to(slots <= index, (1, 1, 2 * size))
             attended = self.attend(query, keys, values, mask).astype(self.dtype)
-            inputs, y_conv = self.memory.features(attended, carry["y_conv"] or None)
+            inputs, y_conv = self.memory.features(
+                self.written(x_t, attended), carry["y_conv"] or None
+            )
             ends = index == size - 1
             read_out, memory_cache = self.memory.extend_memory(
                 inputs, carry["memory"], ends_chunk=ends[None]
@@ -184,5 +217,6 @@ register_memory_block(
         "rope_theta": 10000.0,
         "num_persistent": 4,
         "segment_size": 64,
+        "write_stream": "attention",
     },
 )

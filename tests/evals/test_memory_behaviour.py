@@ -198,7 +198,7 @@ def test_trace_reads_deep_memory_layers(kind):
     final = traced["state_norm"][-1]
     assert np.sqrt(np.sum(logged**2)) * (1 - 1e-5) <= final <= np.sum(logged) * (1 + 1e-5)
     if kind == "mac":  # exactly: the final state of MAC's own segment loop
-        x = memory_behaviour._block_inputs(model, jnp.asarray(tokens))[0]
+        x = nnx.jit(lambda model, tokens: model.block_inputs(tokens))(model, jnp.asarray(tokens))[0]
         positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
         state = nnx.jit(lambda block, x: block.segments(x, positions)[1])(model.blocks[0], x)
         squares = sum(jnp.sum(jnp.square(w), axis=(-2, -1)) for w in state.weights.values())

@@ -143,6 +143,16 @@ def test_mac_decoding_with_chunks_that_straddle_segments():
     )
 
 
+def test_mac_residual_write_stream_decodes_and_differs():
+    """write_stream "residual" trains the memory on RMSNorm(x) + y instead of y: decoding
+    still equals the forward, and the memory (so the logits past the first segment) differ."""
+    model = _model("mac", (("write_stream", "residual"),))
+    tokens = random_tokens()
+    logits = logits_of(model, tokens)
+    np.testing.assert_allclose(decode(model, tokens, (5, 1, 1, 4)), logits, atol=TOL, rtol=TOL)
+    assert float(jnp.max(jnp.abs(logits - logits_of(_model("mac"), tokens)))) > 1e-3
+
+
 @pytest.mark.parametrize("kind", DECODING_KINDS)
 def test_token_decoding_equals_the_exact_rule_forward(kind):
     """chunk_size 1: the forward is the exact token rule (Titans eqs. 9-14; held to the
@@ -161,6 +171,7 @@ def test_token_decoding_equals_the_exact_rule_forward(kind):
         ("lmm", "architecture", "tree", "model.lmm.architecture"),
         ("mag", "num_persistent", 0, "model.mag.num_persistent"),
         ("mac", "segment_size", 0, "model.mac.segment_size"),
+        ("mac", "write_stream", "output", "model.mac.write_stream"),
         ("mal", "lr_max", 0.0, "model.mal.lr_max"),
         ("mal", "window", -1, "model.mal.window"),
     ],
