@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.rope import apply_rope
-from layers.sharding import with_logical_axes
+from layers.sharding import projection
 
 
 def attention_mask(
@@ -174,14 +174,7 @@ class Attention(nnx.Module):
         self.dtype = dtype
 
         def linear(features_in, features_out, std, axes):
-            return nnx.Linear(
-                features_in,
-                features_out,
-                use_bias=False,
-                dtype=dtype,
-                kernel_init=with_logical_axes(nnx.initializers.normal(std), *axes),
-                rngs=rngs,
-            )
+            return projection(features_in, features_out, std=std, axes=axes, dtype=dtype, rngs=rngs)
 
         self.query = linear(d_model, num_heads * head_dim, init_std, ("embed", "qkv"))
         self.key = linear(d_model, num_kv_heads * head_dim, init_std, ("embed", "qkv"))

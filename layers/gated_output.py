@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.norms import rms_norm
-from layers.sharding import with_logical_axes
+from layers.sharding import projection, with_logical_axes
 
 
 class GatedOutput(nnx.Module):
@@ -15,14 +15,7 @@ class GatedOutput(nnx.Module):
 
     def __init__(self, d_model, num_heads, value_dim, *, eps, init_std, out_init_std, dtype, rngs):
         def linear(features_in, features_out, std, axes):
-            return nnx.Linear(
-                features_in,
-                features_out,
-                use_bias=False,
-                dtype=dtype,
-                kernel_init=with_logical_axes(nnx.initializers.normal(std), *axes),
-                rngs=rngs,
-            )
+            return projection(features_in, features_out, std=std, axes=axes, dtype=dtype, rngs=rngs)
 
         self.gate = linear(d_model, num_heads * value_dim, init_std, ("embed", "qkv"))
         self.out = linear(num_heads * value_dim, d_model, out_init_std, ("qkv", "embed"))

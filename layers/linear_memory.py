@@ -33,7 +33,7 @@ from flax import nnx
 from layers.gated_output import GatedOutput
 from layers.memory_writes import MatrixMemoryWrites
 from layers.norms import l2_normalize
-from layers.sharding import with_logical_axes
+from layers.sharding import projection, with_logical_axes
 from layers.short_conv import ShortConv
 from pallas_kernels import linear_memory as recurrences
 
@@ -120,13 +120,8 @@ class LinearMemory(nnx.Module):
         self.dtype = dtype
 
         def linear(features_out, axes):
-            return nnx.Linear(
-                d_model,
-                features_out,
-                use_bias=False,
-                dtype=dtype,
-                kernel_init=with_logical_axes(nnx.initializers.normal(init_std), *axes),
-                rngs=rngs,
+            return projection(
+                d_model, features_out, std=init_std, axes=axes, dtype=dtype, rngs=rngs
             )
 
         key_width, value_width = num_heads * self.key_dim, num_heads * self.value_dim

@@ -48,7 +48,7 @@ from layers.linear_memory import (
 )
 from layers.memory_writes import MatrixMemoryWrites
 from layers.norms import l2_normalize
-from layers.sharding import with_logical_axes
+from layers.sharding import projection, with_logical_axes
 from layers.short_conv import ShortConv, conv_kernel_init, subsequence_causal_conv
 
 
@@ -122,20 +122,11 @@ class MixtureOfMemories(nnx.Module):
                 with_logical_axes(init, "experts", *axes)(rngs.params(), full_shape, jnp.float32)
             )
 
-        self.query = nnx.Linear(
-            d_model,
-            key_width,
-            use_bias=False,
-            dtype=dtype,
-            kernel_init=with_logical_axes(normal, "embed", "qkv"),
-            rngs=rngs,
+        self.query = projection(
+            d_model, key_width, std=init_std, axes=("embed", "qkv"), dtype=dtype, rngs=rngs
         )
-        self.router = nnx.Linear(
-            d_model,
-            num_memories,
-            use_bias=False,
-            kernel_init=with_logical_axes(normal, "embed", "experts"),
-            rngs=rngs,
+        self.router = projection(
+            d_model, num_memories, std=init_std, axes=("embed", "experts"), rngs=rngs
         )
         self.key_kernel = stacked(normal, (d_model, key_width), "embed", "qkv")
         self.value_kernel = stacked(normal, (d_model, value_width), "embed", "qkv")

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.sharding import with_logical_axes
+from layers.sharding import projection
 
 
 def swiglu_hidden_dim(d_model: int, multiple_of: int = 32) -> int:
@@ -31,22 +31,14 @@ class SwiGLU(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        in_init = nnx.initializers.normal(init_std)
-        out_init = nnx.initializers.normal(init_std if out_init_std is None else out_init_std)
+        out_std = init_std if out_init_std is None else out_init_std
 
-        def linear(features_in, features_out, init, axes):
-            return nnx.Linear(
-                features_in,
-                features_out,
-                use_bias=False,
-                dtype=dtype,
-                kernel_init=with_logical_axes(init, *axes),
-                rngs=rngs,
-            )
+        def linear(features_in, features_out, std, axes):
+            return projection(features_in, features_out, std=std, axes=axes, dtype=dtype, rngs=rngs)
 
-        self.gate = linear(d_model, hidden_dim, in_init, ("embed", "mlp"))
-        self.up = linear(d_model, hidden_dim, in_init, ("embed", "mlp"))
-        self.down = linear(hidden_dim, d_model, out_init, ("mlp", "embed"))
+        self.gate = linear(d_model, hidden_dim, init_std, ("embed", "mlp"))
+        self.up = linear(d_model, hidden_dim, init_std, ("embed", "mlp"))
+        self.down = linear(hidden_dim, d_model, out_std, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

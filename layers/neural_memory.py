@@ -53,7 +53,7 @@ from layers.feature_maps import FEATURE_MAPS, PolynomialFeatureMap
 from layers.gated_output import GatedOutput
 from layers.memory_writes import DeepMemoryWrites
 from layers.norms import l2_normalize
-from layers.sharding import with_logical_axes
+from layers.sharding import projection, with_logical_axes
 from layers.short_conv import ShortConv
 from pallas_kernels import neural_memory as recurrence
 from pallas_kernels.neural_memory import MemorySpec, NeuralMemoryState, api
@@ -136,14 +136,8 @@ class NeuralMemory(nnx.Module):
         width = num_heads * head_dim
 
         def linear(features_out, axes, bias=None):
-            return nnx.Linear(
-                d_model,
-                features_out,
-                use_bias=bias is not None,
-                dtype=dtype,
-                kernel_init=with_logical_axes(nnx.initializers.normal(init_std), *axes),
-                bias_init=with_logical_axes(nnx.initializers.constant(bias or 0.0), axes[-1]),
-                rngs=rngs,
+            return projection(
+                d_model, features_out, std=init_std, axes=axes, dtype=dtype, bias=bias, rngs=rngs
             )
 
         self.query, self.key, self.value = (linear(width, ("embed", "qkv")) for _ in range(3))

@@ -16,6 +16,8 @@ Logical names used across mnemax:
   experts    a leading axis that stacks independent memories / experts
   conv       short convolution taps
   norm       normalisation scales
+  memory_state  the deep memories' initial weights (trained by AdamW, no weight decay)
+  persistent    Titans' persistent tokens (AdamW)
 Optimizers treat leading 'heads' / 'layers' / 'experts' axes as a stack of matrices.
 """
 
@@ -27,3 +29,18 @@ STACK_AXES = ("layers", "heads", "experts")
 def with_logical_axes(initializer, *names: str | None):
     """Wrap a Flax initializer so the parameter it creates carries logical axis names."""
     return nnx.with_partitioning(initializer, tuple(names), eager_sharding=False)
+
+
+def projection(features_in, features_out, *, std, axes, rngs, dtype=None, bias=None):
+    """nnx.Linear with N(0, std^2) weights carrying the logical axes `axes` (in, out), and
+    no bias unless `bias` gives its constant initial value (axis `axes[-1]`); matmuls run in
+    `dtype` (None: the input's), parameters are float32."""
+    return nnx.Linear(
+        features_in,
+        features_out,
+        use_bias=bias is not None,
+        dtype=dtype,
+        kernel_init=with_logical_axes(nnx.initializers.normal(std), *axes),
+        bias_init=with_logical_axes(nnx.initializers.constant(bias or 0.0), axes[-1]),
+        rngs=rngs,
+    )

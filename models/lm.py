@@ -17,7 +17,7 @@ from layers.attention import Attention
 from layers.memory_writes import NoMemory
 from layers.mlp import SwiGLU
 from layers.norms import RMSNorm
-from layers.sharding import with_logical_axes
+from layers.sharding import projection, with_logical_axes
 from models.losses import cross_entropy_terms
 from models.registry import (
     AUX_LOSS_PREFIX,
@@ -170,11 +170,11 @@ class LanguageModel(nnx.Module):
         )
         self.final_norm = RMSNorm(d_model, eps=model_config.norm_eps, rngs=rngs)
         if not self.tie_embeddings:
-            self.lm_head = nnx.Linear(
+            self.lm_head = projection(
                 d_model,
                 vocab_size,
-                use_bias=False,
-                kernel_init=with_logical_axes(init, "embed", "vocab"),
+                std=init_std_of(model_config),
+                axes=("embed", "vocab"),
                 rngs=rngs,
             )
 

@@ -43,7 +43,7 @@ from layers.feature_maps import FEATURE_MAPS
 from layers.mlp import SwiGLU
 from layers.neural_memory import NeuralMemory
 from layers.norms import RMSNorm, rms_norm
-from layers.sharding import with_logical_axes
+from layers.sharding import projection, with_logical_axes
 from models.registry import (
     compute_dtype_of,
     head_dim_of,
@@ -178,14 +178,12 @@ class GatedAttentionBlock(_Block):
         norm_init = with_logical_axes(nnx.initializers.ones, "norm")
         self.attention_scale = nnx.Param(norm_init(None, (d_model,), jnp.float32))
         self.memory_scale = nnx.Param(norm_init(None, (d_model,), jnp.float32))
-        self.gate_out = nnx.Linear(
+        self.gate_out = projection(
             d_model,
             d_model,
-            use_bias=False,
+            std=residual_out_init_std(model_config),
+            axes=("qkv", "embed"),
             dtype=self.dtype,
-            kernel_init=with_logical_axes(
-                nnx.initializers.normal(residual_out_init_std(model_config)), "qkv", "embed"
-            ),
             rngs=rngs,
         )
         self.eps = model_config.norm_eps

@@ -28,10 +28,17 @@ class MACBlock(GatedAttentionBlock):
 
         h   = M*_{s-1}(q_s)                    retrieval, no update (eq. 21), q_s = x_s W_Q
         y_s = Attn([p ‖ h ‖ x_s])               full attention inside the segment (eqs. 22-23)
-        M_s = M_{s-1} trained on y_s            keys/values/gates from y_s (eq. 24)
-        o_s = y_s ⊗ M_s(y_s)                    (eq. 25)
+        M_s = M_{s-1} trained on u_s            keys/values/gates from u_s (eq. 24)
+        o_s = y_s ⊗ M_s(u_s)                    (eq. 25)
 
-    then x + o and SwiGLU. Departures, all for causality in an autoregressive LM: h_j =
+    then x + o and SwiGLU. The memory's training stream u_s (`write_stream`) is, by default,
+    the attention layer's residual output RMSNorm(x_s) + y_s ("residual"); "attention"
+    trains it on y_s alone, as eq. 24 is written. Our reading, for a residual network: with
+    y_s alone the memory's keys start as mixtures of the segment's tokens and MAC did not
+    learn 8-pair MQAR through its memory (1.8% recall after 1,000 steps, against 98% at
+    step 500 with the residual stream: `benchmarks/results/mac_write_stream.md`).
+
+    Departures for causality in an autoregressive LM: h_j =
     M*(q_j) carries token j, so query i sees h_j only for j <= i (as it sees x_j); eq. 25
     reads each token with the memory updated up to that token (o_i = M_i(q(y_i)), the
     recurrence's read-after-update) instead of the memory after the whole segment. The
@@ -67,8 +74,8 @@ class MACBlock(GatedAttentionBlock):
         return self._mlp_residual(x + outputs), memory_norms(state)
 
     def written(self, normed, attended):
-        """What the memory is trained on: the attention output y (eq. 24 as written) or,
-        with write_stream "residual", the attention layer's residual output RMSNorm(x) + y."""
+        """What the memory is trained on (u of the class docstring): the attention layer's
+        residual output RMSNorm(x) + y ("residual") or the attention output y ("attention")."""
         if self.write_stream == "residual":
             return (normed.astype(jnp.float32) + attended).astype(self.dtype)
         return attended.astype(self.dtype)
@@ -217,6 +224,6 @@ register_memory_block(
         "rope_theta": 10000.0,
         "num_persistent": 4,
         "segment_size": 64,
-        "write_stream": "attention",
+        "write_stream": "residual",
     },
 )
