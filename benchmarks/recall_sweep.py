@@ -17,15 +17,20 @@ its `metrics.jsonl` at every eval step.
 Results accumulate in `benchmarks/results/mqar_recall.{json,md}`: a new run replaces the
 row of the same (kind, pairs, length, batch, lr, seed, steps) and keeps the others, so a sweep can
 be extended kind by kind. The table gives the final recall, the first step at which recall
-reached the kind's target (`configs.mqar.RECALL_TARGETS`) and the wall time.
+reached the kind's target (`configs.mqar.RECALL_TARGETS`) and the wall time. With
+`--keep_workdirs DIR` every run's workdir (final checkpoint included) stays under DIR, so the
+trained model can be scored further without retraining (`python -m evals.recall
+--workdir=DIR/<run>`: the Zoology grid, S-NIAH).
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,11 +68,27 @@ def shipped(kind: str):
     return module.get_config(variant) if variant else module.get_config()
 
 
-def run_one(job: dict, cores: "queue.Queue[int]") -> dict:
+def workdir_name(job: dict) -> str:
+    """Where `--keep_workdirs` keeps a run: one folder per row key."""
+    return (f"{job['kind']}_p{job['num_kv_pairs']}_t{job['seq_len']}_b{job['batch_size']}"
+            f"_lr{job['lr']:g}_s{job['seed']}_n{job['steps']}")  # fmt: skip
+
+
+def _workdir(job, keep_dir):
+    """A temporary workdir, or (with keep_dir) a fresh kept one under it."""
+    if not keep_dir:
+        return tempfile.TemporaryDirectory()
+    path = os.path.join(keep_dir, workdir_name(job))
+    shutil.rmtree(path, ignore_errors=True)  # a rerun replaces the earlier run
+    os.makedirs(path)
+    return contextlib.nullcontext(path)
+
+
+def run_one(job: dict, cores: "queue.Queue[int]", keep_dir: str = "") -> dict:
     """Train one job on a free core; its eval recall per step from metrics.jsonl."""
     core = cores.get()
     try:
-        with tempfile.TemporaryDirectory() as workdir:
+        with _workdir(job, keep_dir) as workdir:
             command = [sys.executable, "train.py", f"--config={recall_config(job['kind'])}",
                        f"--workdir={workdir}", *job["overrides"]]  # fmt: skip
             env = dict(os.environ, XLA_FLAGS=SINGLE_THREADED_XLA, JAX_PLATFORMS="cpu")
@@ -103,6 +124,7 @@ def run_one(job: dict, cores: "queue.Queue[int]") -> dict:
         returncode=result.returncode,
         error=result.stderr.strip().splitlines()[-1] if result.returncode else "",
         command=" ".join(command[1:]).replace(workdir, "WORKDIR"),
+        workdir=workdir if keep_dir else "",
         date=datetime.date.today().isoformat(),
     )
     return row
@@ -202,6 +224,12 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--cores", type=_ints, default=[], help="CPU cores to pin runs to")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument(
+        "--keep_workdirs",
+        default="",
+        help="keep each run's workdir (checkpoint, metrics, events) under this folder, so "
+        "its model can be evaluated further (python -m evals.recall --workdir=...)",
+    )
     args = parser.parse_args(argv)
     args.kinds = [kind for kind in args.kinds.split(",") if kind]
     unknown = sorted(set(args.kinds) - set(models.registered_blocks()))
@@ -213,7 +241,7 @@ def main(argv=None):
         cores.put(core)
     jobs = jobs_for(args)
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-        futures = [pool.submit(run_one, job, cores) for job in jobs]
+        futures = [pool.submit(run_one, job, cores, args.keep_workdirs) for job in jobs]
         for future in concurrent.futures.as_completed(futures):
             row = future.result()
             # Re-read before writing: another sweep on other cores may have added rows.

@@ -1,5 +1,5 @@
 """DeltaNet (Yang et al. 2024, delta rule without decay) on multi-query associative recall:
-every block is a "deltanet" block (`models.memory_blocks`), the rest as in `configs/mqar.py`.
+every block is a "deltanet" block (`models.matrix_memory_blocks`), the rest as in `configs/mqar.py`.
 
     python train.py --config=configs/deltanet.py --workdir=runs/deltanet
     python train.py --config=configs/deltanet.py --workdir=runs/deltanet_h4 \

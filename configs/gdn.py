@@ -1,5 +1,5 @@
 """Gated DeltaNet (Yang et al. 2025) on multi-query associative recall: every block is a
-"gdn" block (`models.memory_blocks`), everything else as in `configs/mqar.py`.
+"gdn" block (`models.matrix_memory_blocks`), everything else as in `configs/mqar.py`.
 
     python train.py --config=configs/gdn.py --workdir=runs/gdn
     python train.py --config=configs/gdn.py --workdir=runs/gdn_v2 \

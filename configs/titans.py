@@ -6,7 +6,9 @@ Titans kinds of `models.titans` ("lmm", "mac", "mag", "mal"); the rest as `confi
         --config.model.lmm.architecture=matrix --config.model.lmm.rule=gd
 
 The attention of mal / mag sees 8 tokens and MAC's attention one 16-token segment, less
-than the 64-token MQAR sequence, so recall past that has to go through the neural memory.
+than the 64-token MQAR sequence, so recall past that has to go through the neural memory
+(the 8 pairs fill MAC's first segment: every answer comes from the memory). MAC trains its
+memory on the residual stream by default (`model.mac.write_stream`; see `models.titans_mac`).
 """
 
 from configs import mqar

@@ -36,10 +36,7 @@ from layers.norms import l2_normalize
 from layers.sharding import projection, with_logical_axes
 from layers.short_conv import ShortConv
 from pallas_kernels import linear_memory as recurrences
-
-RULES = ("linear_attention", "gla", "deltanet", "gated_deltanet")
-DECAY_RULES = ("gla", "gated_deltanet")
-DELTA_RULES = ("deltanet", "gated_deltanet")
+from pallas_kernels.linear_memory.api import DECAY_RULES, DELTA_RULES, RULES  # noqa: F401
 
 
 def a_log_init(key, shape, dtype=jnp.float32):
@@ -67,20 +64,6 @@ def log_decay(a_logits: jax.Array, a_log: jax.Array, dt_bias: jax.Array) -> jax.
     """GDN / Mamba2 data-dependent log decay g = -exp(A_log) softplus(a + dt_bias), float32."""
     a_logits = a_logits.astype(jnp.float32)
     return -jnp.exp(a_log) * jax.nn.softplus(a_logits + dt_bias)
-
-
-def run_recurrence(rule, q, k, v, g, beta, *, initial_state, output_final_state, **options):
-    """Dispatch to the recurrence of `rule` (g / beta are ignored by rules without them)."""
-    common = dict(initial_state=initial_state, output_final_state=output_final_state, **options)
-    if rule == "linear_attention":
-        return recurrences.linear_attention(q, k, v, **common)
-    if rule == "gla":
-        return recurrences.simple_gla(q, k, v, g, **common)
-    if rule == "deltanet":
-        return recurrences.delta_rule(q, k, v, beta, **common)
-    if rule == "gated_deltanet":
-        return recurrences.gated_delta_rule(q, k, v, g, beta, **common)
-    raise ValueError(f"rule={rule!r} is not one of {RULES}")
 
 
 def state_norm(state: jax.Array) -> jax.Array:
@@ -181,7 +164,7 @@ class LinearMemory(nnx.Module):
         return MatrixMemoryWrites(self.rule, q, k, v, g, beta)
 
     def _recurrence(self, q, k, v, g, beta, *, initial_state=None, segment_ids=None):
-        return run_recurrence(
+        return recurrences.recurrence(
             self.rule,
             q,
             k,

@@ -43,13 +43,13 @@ from layers.linear_memory import (
     RULES,
     decay_parameters,
     log_decay,
-    run_recurrence,
     state_norm,
 )
 from layers.memory_writes import MatrixMemoryWrites
 from layers.norms import l2_normalize
 from layers.sharding import projection, with_logical_axes
 from layers.short_conv import ShortConv, conv_kernel_init, subsequence_causal_conv
+from pallas_kernels import linear_memory as recurrences
 
 
 def route(router_logits: jax.Array, top_k: int):
@@ -193,7 +193,7 @@ class MixtureOfMemories(nnx.Module):
             initial_state = cache["state"].reshape(
                 batch, memories * heads, *cache["state"].shape[3:]
             )
-        o, final_state = run_recurrence(
+        o, final_state = recurrences.recurrence(
             self.rule,
             *(features[name] for name in ("q", "k", "v", "g", "beta")),
             initial_state=initial_state,

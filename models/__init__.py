@@ -8,7 +8,7 @@ import ml_collections
 
 from models import (  # noqa: F401  (importing them registers the block kinds)
     lm,
-    memory_blocks,
+    matrix_memory_blocks,
     miras,
     registry,
     titans,

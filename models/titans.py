@@ -52,8 +52,8 @@ from models.registry import (
     register_block,
     residual_out_init_std,
 )
+from pallas_kernels.dispatch import IMPLS
 from pallas_kernels.neural_memory import MemorySpec
-from pallas_kernels.neural_memory.api import IMPLS
 
 
 def reject_packing(segment_ids):

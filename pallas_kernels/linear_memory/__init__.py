@@ -4,10 +4,19 @@ See `api.py` for conventions; `reference.py` is the oracle, `chunked.py` the XLA
 """
 
 from pallas_kernels.linear_memory.api import (
+    RULES,
     delta_rule,
     gated_delta_rule,
     linear_attention,
+    recurrence,
     simple_gla,
 )
 
-__all__ = ["delta_rule", "gated_delta_rule", "linear_attention", "simple_gla"]
+__all__ = [
+    "RULES",
+    "delta_rule",
+    "gated_delta_rule",
+    "linear_attention",
+    "recurrence",
+    "simple_gla",
+]

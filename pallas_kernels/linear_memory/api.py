@@ -36,12 +36,26 @@ real hardware is not part of the test suite (see tests/pallas_kernels/).
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import (
+    auto_platform,
+    check_impl,
+    dtype_rejects,
+    is_power_of_2,
+    kernel_platform,
+)
 from pallas_kernels.linear_memory import chunked, gpu, reference, tpu
 from pallas_kernels.linear_memory.block_sizes import default_block_sizes
-from pallas_kernels.platforms import backend_platform, forced_kernel_platform, is_power_of_2
 
-IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_tpu", "pallas_gpu")
-_PALLAS_IMPLS = ("pallas", "pallas_tpu", "pallas_gpu")
+# Rule -> the gates it takes (g: log decay, beta: delta-rule write strength).
+RULE_GATES = {
+    "linear_attention": (),
+    "gla": ("g",),
+    "deltanet": ("beta",),
+    "gated_deltanet": ("g", "beta"),
+}
+RULES = tuple(RULE_GATES)
+DECAY_RULES = tuple(rule for rule, gates in RULE_GATES.items() if "g" in gates)
+DELTA_RULES = tuple(rule for rule, gates in RULE_GATES.items() if "beta" in gates)
 
 # Jitted so eager calls (notebooks, tests) compile once instead of dispatching op by op;
 # inside an outer jit these are simply inlined.
@@ -52,7 +66,6 @@ _kernels = {
     "tpu": jax.jit(tpu.recurrence, static_argnames=_KERNEL_STATIC),
     "gpu": jax.jit(gpu.recurrence, static_argnames=_KERNEL_STATIC),
 }
-_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def kernel_rejects(platform, key_dim, value_dim, chunk_size, dtypes):
@@ -61,9 +74,9 @@ def kernel_rejects(platform, key_dim, value_dim, chunk_size, dtypes):
     TPU: chunk a multiple of 16 (bf16 sublane tiling); any Dk, Dv (blocks span them whole).
     GPU: Triton blocks must have power-of-2 sizes and its dots need every side >= 16.
     """
-    for dtype in dtypes:
-        if jnp.dtype(dtype) not in _KERNEL_DTYPES:
-            return f"dtype {jnp.dtype(dtype)} (kernels take float32 / bfloat16)"
+    reason = dtype_rejects(dtypes)
+    if reason is not None:
+        return reason
     if platform == "tpu":
         return None if chunk_size % 16 == 0 else f"chunk_size={chunk_size} (a multiple of 16)"
     for name, size in (("chunk_size", chunk_size), ("Dk", key_dim), ("Dv", value_dim)):
@@ -81,16 +94,18 @@ def _auto_covers(platform, key_dim, value_dim, chunk_size):
     return key_dim <= 128 and value_dim <= 128 and chunk_size <= 64
 
 
+def _kernel_checks(q, k, v, chunk_size):
+    """(rejects, covers) of `pallas_kernels.dispatch` for this call."""
+    key_dim, value_dim, dtypes = q.shape[-1], v.shape[-1], (q.dtype, k.dtype, v.dtype)
+    return (
+        lambda platform: kernel_rejects(platform, key_dim, value_dim, chunk_size, dtypes),
+        lambda platform: _auto_covers(platform, key_dim, value_dim, chunk_size),
+    )
+
+
 def kernel_for_auto(q, k, v, chunk_size):
     """Platform of the kernel impl="auto" uses for these inputs, or None (use chunked)."""
-    platform = backend_platform()
-    if platform is None:
-        return None
-    key_dim, value_dim = q.shape[-1], v.shape[-1]
-    dtypes = (q.dtype, k.dtype, v.dtype)
-    if kernel_rejects(platform, key_dim, value_dim, chunk_size, dtypes) is not None:
-        return None
-    return platform if _auto_covers(platform, key_dim, value_dim, chunk_size) else None
+    return auto_platform(*_kernel_checks(q, k, v, chunk_size))
 
 
 def _shape_error(name, shape, expected):
@@ -105,8 +120,7 @@ def _require(**arrays):
 
 
 def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl):
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    check_impl(impl)
     if q.ndim != 4:
         raise _shape_error("q", q.shape, "[B, T, H, Dk]")
     batch_size, length, num_heads, key_dim = q.shape
@@ -133,35 +147,37 @@ def _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl):
         raise ValueError(f"chunk_size={chunk_size!r}, expected a positive int")
 
 
-def _run(
+def recurrence(
+    rule,
     q,
     k,
     v,
-    g,
-    beta,
+    g=None,
+    beta=None,
     *,
-    scale,
-    initial_state,
-    output_final_state,
-    segment_ids,
-    chunk_size,
-    impl,
-    interpret,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    segment_ids=None,
+    chunk_size=64,
+    impl="auto",
+    interpret=False,
 ):
+    """The matrix-memory recurrence named `rule` (one of RULES, the layers' and configs'
+    names; see the module docstring) -> (o, final_state or None). A gate the rule takes must
+    be given; one it does not take is ignored."""
+    if rule not in RULE_GATES:
+        raise ValueError(f"rule={rule!r} is not one of {RULES}")
+    gates = RULE_GATES[rule]
+    _require(**{name: x for name, x in (("g", g), ("beta", beta)) if name in gates})
+    g = g if "g" in gates else None
+    beta = beta if "beta" in gates else None
     _validate(q, k, v, g, beta, initial_state, segment_ids, chunk_size, impl)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     common = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
-    platform = None
-    if impl in _PALLAS_IMPLS:
-        platform = forced_kernel_platform(impl, interpret)
-        dtypes = (q.dtype, k.dtype, v.dtype)
-        reason = kernel_rejects(platform, q.shape[-1], v.shape[-1], chunk_size, dtypes)
-        if reason is not None:
-            raise ValueError(f"impl={impl!r}: the {platform} kernel does not take {reason}")
-    elif impl == "auto":
-        platform = kernel_for_auto(q, k, v, chunk_size)
-        interpret = False
+    platform = kernel_platform(impl, interpret, *_kernel_checks(q, k, v, chunk_size))
+    interpret = interpret and impl != "auto"
     if impl == "reference":
         o, final_state = _reference(q, k, v, g, beta, **common)
     elif platform is not None:
@@ -174,129 +190,25 @@ def _run(
     return o, (final_state if output_final_state else None)
 
 
-def linear_attention(
-    q,
-    k,
-    v,
-    *,
-    scale=None,
-    initial_state=None,
-    output_final_state=False,
-    segment_ids=None,
-    chunk_size=64,
-    impl="auto",
-    interpret=False,
-):
+# The four recurrences under fla's names; `options` are `recurrence`'s keyword arguments.
+
+
+def linear_attention(q, k, v, **options):
     """Linear attention: `S_t = S_{t-1} + k_t v_t^T`, `o_t = scale · S_t^T q_t`."""
-    return _run(
-        q,
-        k,
-        v,
-        None,
-        None,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        segment_ids=segment_ids,
-        chunk_size=chunk_size,
-        impl=impl,
-        interpret=interpret,
-    )
+    return recurrence("linear_attention", q, k, v, **options)
 
 
-def simple_gla(
-    q,
-    k,
-    v,
-    g,
-    *,
-    scale=None,
-    initial_state=None,
-    output_final_state=False,
-    segment_ids=None,
-    chunk_size=64,
-    impl="auto",
-    interpret=False,
-):
+def simple_gla(q, k, v, g, **options):
     """Simple GLA (scalar decay per head and step): `S_t = exp(g_t) S_{t-1} + k_t v_t^T`."""
-    _require(g=g)
-    return _run(
-        q,
-        k,
-        v,
-        g,
-        None,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        segment_ids=segment_ids,
-        chunk_size=chunk_size,
-        impl=impl,
-        interpret=interpret,
-    )
+    return recurrence("gla", q, k, v, g, **options)
 
 
-def delta_rule(
-    q,
-    k,
-    v,
-    beta,
-    *,
-    scale=None,
-    initial_state=None,
-    output_final_state=False,
-    segment_ids=None,
-    chunk_size=64,
-    impl="auto",
-    interpret=False,
-):
+def delta_rule(q, k, v, beta, **options):
     """DeltaNet (Yang et al. 2024, eq. 1): `S_t = S_{t-1} + β_t k_t (v_t - S_{t-1}^T k_t)^T`."""
-    _require(beta=beta)
-    return _run(
-        q,
-        k,
-        v,
-        None,
-        beta,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        segment_ids=segment_ids,
-        chunk_size=chunk_size,
-        impl=impl,
-        interpret=interpret,
-    )
+    return recurrence("deltanet", q, k, v, beta=beta, **options)
 
 
-def gated_delta_rule(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    *,
-    scale=None,
-    initial_state=None,
-    output_final_state=False,
-    segment_ids=None,
-    chunk_size=64,
-    impl="auto",
-    interpret=False,
-):
+def gated_delta_rule(q, k, v, g, beta, **options):
     """Gated DeltaNet (Yang et al. 2025, eq. 10):
     `S_t = exp(g_t) S_{t-1} + β_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T`."""
-    _require(g=g, beta=beta)
-    return _run(
-        q,
-        k,
-        v,
-        g,
-        beta,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        segment_ids=segment_ids,
-        chunk_size=chunk_size,
-        impl=impl,
-        interpret=interpret,
-    )
+    return recurrence("gated_deltanet", q, k, v, g, beta, **options)

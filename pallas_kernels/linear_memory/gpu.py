@@ -14,31 +14,14 @@ vectors, loaded per chunk as `[C]` and viewed as a column `[C, 1]` and a row `[1
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.linear_memory import kernel_common, kernel_math
-
-# IEEE float32 dots: Pallas' Triton lowering (jax 0.10) turns precision None / DEFAULT / HIGH
-# into TF32 on float32 operands; HIGHEST keeps full float32 (bfloat16 operands are unaffected).
-_PRECISION = jax.lax.Precision.HIGHEST
-
-
-def _per_program(shape):
-    """Block of one (batch, head): the whole sequence (or chunk-state stack)."""
-    return pl.BlockSpec((None, None, *shape), lambda b, h: (b, h) + (0,) * len(shape))
-
-
-def _chunk_scalars(refs, rows):
-    """(g_col, g_row, r_col, r_row, β_col, β_row) of the chunk at `rows`."""
-    out = []
-    for ref in refs:
-        x = ref[rows]
-        out += [x[:, None], x[None, :]]
-    return tuple(out)
-
-
-def _compiler_params(config):
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+from pallas_kernels.pallas_blocks import (
+    PRECISION,
+    gpu_chunk_scalars,
+    gpu_compiler_params,
+    gpu_per_program,
+)
 
 
 def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states=False):
@@ -60,11 +43,11 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
                 k_ref[rows, :].astype(jnp.float32),
                 v_ref[rows, :].astype(jnp.float32),
                 state,
-                _chunk_scalars((decay_ref, resets_ref, beta_ref), rows),
+                gpu_chunk_scalars((decay_ref, resets_ref, beta_ref), rows),
                 scale=config.scale,
                 has_decay=config.has_decay,
                 has_delta=config.has_delta,
-                precision=_PRECISION,
+                precision=PRECISION,
             )
             o_ref[rows, :] = o.astype(o_ref.dtype)
             return next_state
@@ -75,25 +58,25 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         jax.ShapeDtypeStruct(initial_state.shape, jnp.float32),
     ]
-    out_specs = [_per_program((length, value_dim)), _per_program((key_dim, value_dim))]
+    out_specs = [gpu_per_program((length, value_dim)), gpu_per_program((key_dim, value_dim))]
     if save_states:
         states_shape = (num_chunks, key_dim, value_dim)
         out_shape.append(jax.ShapeDtypeStruct((batch_size, num_heads, *states_shape), jnp.float32))
-        out_specs.append(_per_program(states_shape))
+        out_specs.append(gpu_per_program(states_shape))
     flops, transcendentals, io_bytes = kernel_common.cost_estimate(config, q, v, backward=False)
     outputs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(batch_size, num_heads),
         in_specs=[
-            _per_program((length, key_dim)),
-            _per_program((length, key_dim)),
-            _per_program((length, value_dim)),
+            gpu_per_program((length, key_dim)),
+            gpu_per_program((length, key_dim)),
+            gpu_per_program((length, value_dim)),
         ]
-        + [_per_program((length,))] * 3
-        + [_per_program((key_dim, value_dim))],
+        + [gpu_per_program((length,))] * 3
+        + [gpu_per_program((key_dim, value_dim))],
         out_specs=out_specs,
-        compiler_params=_compiler_params(config),
+        compiler_params=gpu_compiler_params(config),
         cost_estimate=pl.CostEstimate(
             flops=flops, transcendentals=transcendentals, bytes_accessed=io_bytes
         ),
@@ -124,11 +107,11 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
                 states_ref[n],
                 d_o_ref[rows, :].astype(jnp.float32),
                 d_state,
-                _chunk_scalars((decay_ref, resets_ref, beta_ref), rows),
+                gpu_chunk_scalars((decay_ref, resets_ref, beta_ref), rows),
                 scale=config.scale,
                 has_decay=config.has_decay,
                 has_delta=config.has_delta,
-                precision=_PRECISION,
+                precision=PRECISION,
             )
             dq_ref[rows, :], dk_ref[rows, :], dv_ref[rows, :] = dq, dk, dv
             d_decay_ref[rows] = d_decay_col.reshape(chunk) + d_decay_row.reshape(chunk)
@@ -138,7 +121,7 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
         d_initial_ref[...] = jax.lax.fori_loop(0, num_chunks, chunk_step, d_final_ref[...])
 
     f32 = jnp.float32
-    token_block = _per_program((length,))
+    token_block = gpu_per_program((length,))
     flops, transcendentals, io_bytes = kernel_common.cost_estimate(config, q, v, backward=True)
     dq, dk, dv, d_decay, d_beta, d_initial = pl.pallas_call(
         kernel,
@@ -152,25 +135,25 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
         ],
         grid=(batch_size, num_heads),
         in_specs=[
-            _per_program((length, key_dim)),
-            _per_program((length, key_dim)),
-            _per_program((length, value_dim)),
+            gpu_per_program((length, key_dim)),
+            gpu_per_program((length, key_dim)),
+            gpu_per_program((length, value_dim)),
             token_block,
             token_block,
             token_block,
-            _per_program((num_chunks, key_dim, value_dim)),
-            _per_program((length, value_dim)),
-            _per_program((key_dim, value_dim)),
+            gpu_per_program((num_chunks, key_dim, value_dim)),
+            gpu_per_program((length, value_dim)),
+            gpu_per_program((key_dim, value_dim)),
         ],
         out_specs=[
-            _per_program((length, key_dim)),
-            _per_program((length, key_dim)),
-            _per_program((length, value_dim)),
+            gpu_per_program((length, key_dim)),
+            gpu_per_program((length, key_dim)),
+            gpu_per_program((length, value_dim)),
             token_block,
             token_block,
-            _per_program((key_dim, value_dim)),
+            gpu_per_program((key_dim, value_dim)),
         ],
-        compiler_params=_compiler_params(config),
+        compiler_params=gpu_compiler_params(config),
         cost_estimate=pl.CostEstimate(
             flops=flops, transcendentals=transcendentals, bytes_accessed=io_bytes
         ),

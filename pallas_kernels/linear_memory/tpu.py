@@ -20,45 +20,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.linear_memory import kernel_common, kernel_math
-
-# f32 matmuls at full precision: the kernels are held to the float32 reference.
-_PRECISION = jax.lax.Precision.HIGHEST
-
-
-def _scalar_layouts(x, chunk_size):
-    """[B, H, T'] -> column form [B, H, T', 1] and row form [B, H, N, 1, C]."""
-    batch_size, num_heads, length = x.shape
-    rows = x.reshape(batch_size, num_heads, length // chunk_size, 1, chunk_size)
-    return x[..., None], rows
-
-
-def _specs(config, key_dim, value_dim, reverse):
-    """BlockSpecs for q, k, v, then (col, row) for each of g, r, β, then chunk states."""
-    chunk = config.chunk_size
-
-    def chunk_index(n):
-        return (pl.num_programs(2) - 1 - n) if reverse else n
-
-    def token_block(width):
-        return pl.BlockSpec((None, None, chunk, width), lambda b, h, n: (b, h, chunk_index(n), 0))
-
-    row_block = pl.BlockSpec(
-        (None, None, None, 1, chunk), lambda b, h, n: (b, h, chunk_index(n), 0, 0)
-    )
-    state_block = pl.BlockSpec(
-        (None, None, None, key_dim, value_dim), lambda b, h, n: (b, h, chunk_index(n), 0, 0)
-    )
-    whole_state = pl.BlockSpec((None, None, key_dim, value_dim), lambda b, h, n: (b, h, 0, 0))
-    return token_block, row_block, state_block, whole_state
+from pallas_kernels.pallas_blocks import (
+    PRECISION,
+    tpu_compiler_params,
+    tpu_scalar_layouts,
+    tpu_specs,
+)
 
 
 def _load_scalars(refs):
     """(g_col, g_row, r_col, r_row, β_col, β_row) from their six refs."""
     return tuple(ref[...] for ref in refs)
-
-
-def _compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
 def _interpret(config):
@@ -73,10 +45,12 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
     batch_size, num_heads, length, key_dim = q.shape
     value_dim = v.shape[-1]
     num_chunks = length // config.chunk_size
-    token_block, row_block, state_block, whole_state = _specs(config, key_dim, value_dim, False)
+    token_block, row_block, state_block, whole_state = tpu_specs(
+        config.chunk_size, (key_dim, value_dim), False
+    )
     scalar_inputs = []
     for x in (log_decay, resets, beta):
-        scalar_inputs += _scalar_layouts(x, config.chunk_size)
+        scalar_inputs += tpu_scalar_layouts(x, config.chunk_size)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         scalar_refs, (initial_ref, o_ref, final_ref), rest = refs[:6], refs[6:9], refs[9:]
@@ -100,7 +74,7 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
             scale=config.scale,
             has_decay=config.has_decay,
             has_delta=config.has_delta,
-            precision=_PRECISION,
+            precision=PRECISION,
         )
         o_ref[...] = o.astype(o_ref.dtype)
         state_scratch[...] = next_state
@@ -128,7 +102,7 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
         + [whole_state],
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
-        compiler_params=_compiler_params(),
+        compiler_params=tpu_compiler_params(),
         cost_estimate=pl.CostEstimate(
             flops=flops, transcendentals=transcendentals, bytes_accessed=io_bytes
         ),
@@ -143,10 +117,12 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
     batch_size, num_heads, length, key_dim = q.shape
     value_dim = v.shape[-1]
     num_chunks = length // config.chunk_size
-    token_block, row_block, state_block, whole_state = _specs(config, key_dim, value_dim, True)
+    token_block, row_block, state_block, whole_state = tpu_specs(
+        config.chunk_size, (key_dim, value_dim), True
+    )
     scalar_inputs = []
     for x in (log_decay, resets, beta):
-        scalar_inputs += _scalar_layouts(x, config.chunk_size)
+        scalar_inputs += tpu_scalar_layouts(x, config.chunk_size)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         scalar_refs = refs[:6]
@@ -170,7 +146,7 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
             scale=config.scale,
             has_decay=config.has_decay,
             has_delta=config.has_delta,
-            precision=_PRECISION,
+            precision=PRECISION,
         )
         dq_ref[...], dk_ref[...], dv_ref[...] = dq, dk, dv
         d_decay_col_ref[...], d_decay_row_ref[...], d_beta_ref[...] = (
@@ -217,7 +193,7 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
         + [state_block, token_block(value_dim), whole_state],
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((key_dim, value_dim), f32)],
-        compiler_params=_compiler_params(),
+        compiler_params=tpu_compiler_params(),
         cost_estimate=pl.CostEstimate(
             flops=flops, transcendentals=transcendentals, bytes_accessed=io_bytes
         ),

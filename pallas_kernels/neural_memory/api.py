@@ -9,12 +9,10 @@ documented in `reference.py`, the choices in `choices.py` / `choices_miras.py`.
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import check_impl, kernel_platform
 from pallas_kernels.neural_memory import chunked, kernel_api, reference
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState
 from pallas_kernels.neural_memory.choices_miras import empty_window
-from pallas_kernels.platforms import forced_kernel_platform
-
-IMPLS = ("auto", "reference", "chunked", "pallas", "pallas_tpu", "pallas_gpu")
 
 
 def init_state(spec: MemorySpec, initial_weights, batch_size) -> NeuralMemoryState:
@@ -115,11 +113,13 @@ def neural_memory(
     backend, spec and shapes, else chunked). Returns (o [B, T, H, Dv] in v's dtype, final
     float32 state or None).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+    check_impl(impl)
     _check_inputs(memory, q, k, v, lr, momentum, log_decay, initial_state, chunk_size,
                   huber_delta, omega_gate)  # fmt: skip
-    platform = _kernel_platform(impl, interpret, memory, q, k, v, chunk_size)
+    platform = kernel_platform(
+        impl, interpret, *kernel_api.kernel_checks(memory, q, k, v, chunk_size)
+    )
+    interpret = interpret and impl != "auto"
     if platform is not None and (huber_delta is not None or omega_gate is not None):
         if impl != "auto":  # the kernels implement neither input
             raise ValueError(f"impl={impl!r}: the kernels take no huber_delta / omega_gate")
@@ -139,20 +139,6 @@ def neural_memory(
     else:
         output, final_state = chunked.chunked_scan(*args, chunk_size=chunk_size, **extra)
     return output, (final_state if output_final_state else None)
-
-
-def _kernel_platform(impl, interpret, spec, q, k, v, chunk_size):
-    """ "tpu" / "gpu" when this call runs a Pallas kernel, None for the XLA paths."""
-    if impl == "auto":
-        return None if interpret else kernel_api.kernel_platform_for_auto(spec, q, k, v, chunk_size)
-    if not impl.startswith("pallas"):
-        return None
-    platform = forced_kernel_platform(impl, interpret)
-    dtypes = (q.dtype, k.dtype, v.dtype)
-    reason = kernel_api.kernel_rejects(spec, platform, q.shape[-1], v.shape[-1], chunk_size, dtypes)
-    if reason is not None:
-        raise ValueError(f"impl={impl!r}: the {platform} kernel does not take {reason}")
-    return platform
 
 
 def _check_scalars(spec, leading, layout, lr, momentum, log_decay, huber_delta, omega_gate):

@@ -21,49 +21,9 @@ vectors, loaded per chunk as `[b]` and viewed as a column `[b, 1]` and a row `[1
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.neural_memory import kernel_common, kernel_math
-
-# HIGHEST: Pallas Triton lowers float32 dots with precision None / DEFAULT / HIGH as TF32
-# (jax 0.10 `_dot_general_lowering`), HIGHEST as IEEE float32; the kernels are held to the
-# float32 chunked form.
-_PRECISION = jax.lax.Precision.HIGHEST
-
-
-def _per_program(shape):
-    """Block of one (batch, head): the whole sequence (or state / chunk-state stack)."""
-    return pl.BlockSpec((None, None, *shape), lambda b, h: (b, h) + (0,) * len(shape))
-
-
-def _chunk_scalars(refs, rows):
-    """(theta_col, theta_row, eta_col, eta_row, g_col, g_row) of the chunk at `rows`."""
-    out = []
-    for ref in refs:
-        x = ref[rows]
-        out += [x[:, None], x[None, :]]
-    return tuple(out)
-
-
-def _static(config):
-    return dict(activation=config.activation, norm_eps=config.norm_eps, precision=_PRECISION)
-
-
-def _last_row(config, is_final_chunk):
-    # Integer arithmetic, not `where`: Triton's lowering mixes the bool and int types here.
-    shortfall = config.chunk_size - 1 - config.last_row
-    return config.chunk_size - 1 - shortfall * is_final_chunk.astype(jnp.int32)
-
-
-def _compiler_params(config):
-    return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-
-
-def _cost(q, state, config, backward):
-    flops, transcendentals, io_bytes = kernel_common.cost_estimate(
-        q, state, config.chunk_size, backward=backward
-    )
-    return pl.CostEstimate(flops=flops, transcendentals=transcendentals, bytes_accessed=io_bytes)
+from pallas_kernels.pallas_blocks import gpu_chunk_scalars, gpu_compiler_params, gpu_per_program
 
 
 def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
@@ -85,10 +45,10 @@ def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
                 q_ref[rows, :].astype(jnp.float32),
                 k_ref[rows, :].astype(jnp.float32),
                 v_ref[rows, :].astype(jnp.float32),
-                _chunk_scalars((lr_ref, eta_ref, decay_ref), rows),
+                gpu_chunk_scalars((lr_ref, eta_ref, decay_ref), rows),
                 carried,
-                _last_row(config, n == num_chunks - 1),
-                **_static(config),
+                kernel_common.last_row(config, n == num_chunks - 1),
+                **kernel_common.static_options(config),
             )
             o_ref[rows, :] = o.astype(o_ref.dtype)
             return new_state
@@ -102,21 +62,21 @@ def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         jax.ShapeDtypeStruct(state.shape, jnp.float32),
     ]
-    out_specs = [_per_program((length, dim)), _per_program(state_shape)]
+    out_specs = [gpu_per_program((length, dim)), gpu_per_program(state_shape)]
     if save_states:
         states_shape = (num_chunks, *state_shape)
         out_shape.append(jax.ShapeDtypeStruct((batch_size, num_heads, *states_shape), jnp.float32))
-        out_specs.append(_per_program(states_shape))
+        out_specs.append(gpu_per_program(states_shape))
     outputs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=(batch_size, num_heads),
-        in_specs=[_per_program((length, dim))] * 3
-        + [_per_program((length,))] * 3
-        + [_per_program(state_shape)],
+        in_specs=[gpu_per_program((length, dim))] * 3
+        + [gpu_per_program((length,))] * 3
+        + [gpu_per_program(state_shape)],
         out_specs=out_specs,
-        compiler_params=_compiler_params(config),
-        cost_estimate=_cost(q, state, config, backward=False),
+        compiler_params=gpu_compiler_params(config),
+        cost_estimate=kernel_common.pallas_cost(q, state, config, backward=False),
         interpret=config.interpret,
         name="neural_memory_forward_gpu",
     )(q, k, v, lr, eta, log_decay, state)
@@ -141,12 +101,12 @@ def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_sta
                 q_ref[rows, :].astype(jnp.float32),
                 k_ref[rows, :].astype(jnp.float32),
                 v_ref[rows, :].astype(jnp.float32),
-                _chunk_scalars((lr_ref, eta_ref, decay_ref), rows),
+                gpu_chunk_scalars((lr_ref, eta_ref, decay_ref), rows),
                 tuple(states_ref[n, index] for index in range(4)),
-                _last_row(config, step == 0),
+                kernel_common.last_row(config, step == 0),
                 d_o_ref[rows, :].astype(jnp.float32),
                 d_state,
-                **_static(config),
+                **kernel_common.static_options(config),
             )
             dq_ref[rows, :], dk_ref[rows, :], dv_ref[rows, :] = dq, dk, dv
             for index, ref in enumerate(d_scalar_refs):
@@ -160,24 +120,24 @@ def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_sta
             d_initial_ref[index] = leaf
 
     f32 = jnp.float32
-    token_block = _per_program((length,))
+    token_block = gpu_per_program((length,))
     outputs = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(x.shape, f32) for x in (q, k, v, lr, eta, log_decay)]
         + [jax.ShapeDtypeStruct(d_final_state.shape, f32)],
         grid=(batch_size, num_heads),
-        in_specs=[_per_program((length, dim))] * 3
+        in_specs=[gpu_per_program((length, dim))] * 3
         + [token_block] * 3
         + [
-            _per_program((num_chunks, *state_shape)),
-            _per_program((length, dim)),
-            _per_program(state_shape),
+            gpu_per_program((num_chunks, *state_shape)),
+            gpu_per_program((length, dim)),
+            gpu_per_program(state_shape),
         ],
-        out_specs=[_per_program((length, dim))] * 3
+        out_specs=[gpu_per_program((length, dim))] * 3
         + [token_block] * 3
-        + [_per_program(state_shape)],
-        compiler_params=_compiler_params(config),
-        cost_estimate=_cost(q, d_final_state, config, backward=True),
+        + [gpu_per_program(state_shape)],
+        compiler_params=gpu_compiler_params(config),
+        cost_estimate=kernel_common.pallas_cost(q, d_final_state, config, backward=True),
         interpret=config.interpret,
         name="neural_memory_backward_gpu",
     )(q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_state)

@@ -6,6 +6,7 @@ bias "l2", retention "gated_decay", rule "momentum", omega_window 1. Every other
 the chunked XLA path; `kernel_rejects` says why.
 
     kernel_platform_for_auto(spec, q, k, v, chunk_size) -> "tpu" | "gpu" | None
+    kernel_checks(spec, q, k, v, chunk_size) -> (rejects, covers) for `pallas_kernels.dispatch`
     kernel_rejects(spec, platform, key_dim, value_dim, chunk_size, dtypes) -> reason | None
     run_kernel(spec, q, k, v, lr, momentum, log_decay, initial_state, *, chunk_size,
                platform, interpret) -> (o [B, T, H, D] in v's dtype, final float32 state)
@@ -17,11 +18,10 @@ chunk), with gradients of q, k, v, lr, momentum, log_decay and the initial state
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import auto_platform, dtype_rejects, is_power_of_2
 from pallas_kernels.neural_memory import gpu, kernel_math, tpu
 from pallas_kernels.neural_memory.block_sizes import default_block_sizes
-from pallas_kernels.platforms import backend_platform, is_power_of_2
 
-_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 # The spec fields the kernels hard-wire, with the only value they implement.
 _KERNEL_SPEC = {
     "architecture": "mlp",
@@ -54,9 +54,9 @@ def kernel_rejects(spec, platform, key_dim, value_dim, chunk_size, dtypes):
     if key_dim != value_dim:
         return f"Dk={key_dim} != Dv={value_dim} (an mlp memory maps D -> D)"
     dtypes = [jnp.dtype(dtype) for dtype in dtypes]
-    for dtype in dtypes:
-        if dtype not in _KERNEL_DTYPES:
-            return f"dtype {dtype} (kernels take float32 / bfloat16)"
+    reason = dtype_rejects(dtypes)
+    if reason is not None:
+        return reason
     if platform == "tpu":
         tile = 16 if jnp.dtype(jnp.bfloat16) in dtypes else 8
         return None if chunk_size % tile == 0 else f"chunk_size={chunk_size} (a multiple of {tile})"
@@ -78,16 +78,18 @@ def _auto_covers(spec, platform, dim, chunk_size):
     return dim <= 32 and hidden <= 128 and chunk_size <= 64
 
 
+def kernel_checks(spec, q, k, v, chunk_size):
+    """(rejects, covers) of `pallas_kernels.dispatch` for this call."""
+    key_dim, value_dim, dtypes = q.shape[-1], v.shape[-1], (q.dtype, k.dtype, v.dtype)
+    return (
+        lambda platform: kernel_rejects(spec, platform, key_dim, value_dim, chunk_size, dtypes),
+        lambda platform: _auto_covers(spec, platform, key_dim, chunk_size),
+    )
+
+
 def kernel_platform_for_auto(spec, q, k, v, chunk_size):
     """Platform of the kernel impl="auto" uses for these inputs, or None (run chunked)."""
-    platform = backend_platform()
-    if platform is None:
-        return None
-    dim = q.shape[-1]
-    dtypes = (q.dtype, k.dtype, v.dtype)
-    if kernel_rejects(spec, platform, dim, v.shape[-1], chunk_size, dtypes) is not None:
-        return None
-    return platform if _auto_covers(spec, platform, dim, chunk_size) else None
+    return auto_platform(*kernel_checks(spec, q, k, v, chunk_size))
 
 
 def run_kernel(

@@ -23,8 +23,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels.neural_memory.choices import NeuralMemoryState
+from pallas_kernels.pallas_blocks import PRECISION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,3 +142,21 @@ def cost_estimate(q, state, chunk_size, *, backward):
     if backward:
         flops, transcendentals, io_bytes = 3 * flops, 2 * transcendentals, 2 * io_bytes
     return int(flops), int(transcendentals), int(io_bytes)
+
+
+def static_options(config):
+    """The static keyword arguments of `kernel_math.chunk_step` (and its backward)."""
+    return dict(activation=config.activation, norm_eps=config.norm_eps, precision=PRECISION)
+
+
+def last_row(config, is_final_chunk):
+    """Row whose state leaves the chunk: the last real token in the final chunk."""
+    # Integer arithmetic, not `where`: Triton's lowering mixes the bool and int types here.
+    shortfall = config.chunk_size - 1 - config.last_row
+    return config.chunk_size - 1 - shortfall * is_final_chunk.astype(jnp.int32)
+
+
+def pallas_cost(q, state, config, *, backward):
+    """`cost_estimate` as the `pl.CostEstimate` both kernels pass to `pallas_call`."""
+    flops, transcendentals, io_bytes = cost_estimate(q, state, config.chunk_size, backward=backward)
+    return pl.CostEstimate(flops=flops, transcendentals=transcendentals, bytes_accessed=io_bytes)

@@ -28,43 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.neural_memory import kernel_common, kernel_math
-
-# f32 matmuls at full precision: the kernels are held to the float32 chunked form.
-_PRECISION = jax.lax.Precision.HIGHEST
-
-
-def _scalar_layouts(x, chunk_size):
-    """[B, H, T'] -> column form [B, H, T', 1] and row form [B, H, N, 1, b]."""
-    batch_size, num_heads, length = x.shape
-    rows = x.reshape(batch_size, num_heads, length // chunk_size, 1, chunk_size)
-    return x[..., None], rows
-
-
-def _specs(chunk, state_shape, reverse):
-    """BlockSpec makers: token blocks, scalar rows, one chunk's state, the whole state."""
-
-    def chunk_index(n):
-        return (pl.num_programs(2) - 1 - n) if reverse else n
-
-    def token_block(width):
-        return pl.BlockSpec((None, None, chunk, width), lambda b, h, n: (b, h, chunk_index(n), 0))
-
-    row_block = pl.BlockSpec(
-        (None, None, None, 1, chunk), lambda b, h, n: (b, h, chunk_index(n), 0, 0)
-    )
-    chunk_state = pl.BlockSpec(
-        (None, None, None, *state_shape), lambda b, h, n: (b, h, chunk_index(n), 0, 0, 0)
-    )
-    whole_state = pl.BlockSpec((None, None, *state_shape), lambda b, h, n: (b, h, 0, 0, 0))
-    return token_block, row_block, chunk_state, whole_state
-
-
-def _compiler_params():
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-
-
-def _static(config):
-    return dict(activation=config.activation, norm_eps=config.norm_eps, precision=_PRECISION)
+from pallas_kernels.pallas_blocks import tpu_compiler_params, tpu_scalar_layouts, tpu_specs
 
 
 def _load_state(ref):
@@ -76,29 +40,17 @@ def _store_state(ref, state):
         ref[index] = leaf
 
 
-def _last_row(config, is_final_chunk):
-    """Row whose state leaves the chunk: the last real token in the final chunk."""
-    # Integer arithmetic, not `where`: Triton's lowering mixes the bool and int types here.
-    shortfall = config.chunk_size - 1 - config.last_row
-    return config.chunk_size - 1 - shortfall * is_final_chunk.astype(jnp.int32)
-
-
-def _cost(q, state, config, backward):
-    flops, transcendentals, io_bytes = kernel_common.cost_estimate(
-        q, state, config.chunk_size, backward=backward
-    )
-    return pl.CostEstimate(flops=flops, transcendentals=transcendentals, bytes_accessed=io_bytes)
-
-
 def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
     """Kernel layout in (see kernel_common); returns (o, final state, chunk states | None)."""
     batch_size, num_heads, length, dim = q.shape
     state_shape = state.shape[2:]
     num_chunks = length // config.chunk_size
-    token_block, row_block, chunk_state, whole_state = _specs(config.chunk_size, state_shape, False)
+    token_block, row_block, chunk_state, whole_state = tpu_specs(
+        config.chunk_size, state_shape, False
+    )
     scalar_inputs = []
     for x in (lr, eta, log_decay):
-        scalar_inputs += _scalar_layouts(x, config.chunk_size)
+        scalar_inputs += tpu_scalar_layouts(x, config.chunk_size)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         scalar_refs, (initial_ref, o_ref, final_ref), rest = refs[:6], refs[6:9], refs[9:]
@@ -118,8 +70,8 @@ def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
             v_ref[...].astype(jnp.float32),
             tuple(ref[...] for ref in scalar_refs),
             _load_state(state_scratch),
-            _last_row(config, is_final_chunk),
-            **_static(config),
+            kernel_common.last_row(config, is_final_chunk),
+            **kernel_common.static_options(config),
         )
         o_ref[...] = o.astype(o_ref.dtype)
         _store_state(state_scratch, new_state)
@@ -144,8 +96,8 @@ def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
         in_specs=[token_block(dim)] * 3 + [token_block(1), row_block] * 3 + [whole_state],
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM(state_shape, jnp.float32)],
-        compiler_params=_compiler_params(),
-        cost_estimate=_cost(q, state, config, backward=False),
+        compiler_params=tpu_compiler_params(),
+        cost_estimate=kernel_common.pallas_cost(q, state, config, backward=False),
         interpret=config.interpret,
         name="neural_memory_forward_tpu",
     )(q, k, v, *scalar_inputs, state)
@@ -157,10 +109,12 @@ def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_sta
     batch_size, num_heads, length, dim = q.shape
     state_shape = chunk_states.shape[3:]
     num_chunks = length // config.chunk_size
-    token_block, row_block, chunk_state, whole_state = _specs(config.chunk_size, state_shape, True)
+    token_block, row_block, chunk_state, whole_state = tpu_specs(
+        config.chunk_size, state_shape, True
+    )
     scalar_inputs = []
     for x in (lr, eta, log_decay):
-        scalar_inputs += _scalar_layouts(x, config.chunk_size)
+        scalar_inputs += tpu_scalar_layouts(x, config.chunk_size)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         scalar_refs = refs[:6]
@@ -180,10 +134,10 @@ def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_sta
             v_ref[...].astype(jnp.float32),
             tuple(ref[...] for ref in scalar_refs),
             _load_state(states_ref),
-            _last_row(config, step == 0),
+            kernel_common.last_row(config, step == 0),
             d_o_ref[...].astype(jnp.float32),
             _load_state(d_state_scratch),
-            **_static(config),
+            **kernel_common.static_options(config),
         )
         dq_ref[...], dk_ref[...], dv_ref[...] = dq, dk, dv
         for ref, value in zip(d_scalar_refs, d_scalars):
@@ -211,8 +165,8 @@ def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_sta
         + [chunk_state, token_block(dim), whole_state],
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM(state_shape, f32)],
-        compiler_params=_compiler_params(),
-        cost_estimate=_cost(q, d_final_state, config, backward=True),
+        compiler_params=tpu_compiler_params(),
+        cost_estimate=kernel_common.pallas_cost(q, d_final_state, config, backward=True),
         interpret=config.interpret,
         name="neural_memory_backward_tpu",
     )(q, k, v, *scalar_inputs, chunk_states, d_o, d_final_state)

@@ -13,10 +13,17 @@ def test_every_kind_has_a_recall_config_that_builds():
 
 def test_sweep_runs_train_and_keeps_earlier_rows(tmp_path):
     args = ["--kinds", "attention", "--num_steps", "4", "--evals_per_run", "2", "--out"]
-    recall_sweep.main([*args, str(tmp_path), "--seeds", "0,1", "--learning_rates", "1e-3"])
+    kept = tmp_path / "runs"
+    recall_sweep.main([*args, str(tmp_path), "--seeds", "0,1", "--learning_rates", "1e-3",
+                       "--keep_workdirs", str(kept)])  # fmt: skip
     recall_sweep.main([*args, str(tmp_path), "--seeds", "1", "--learning_rates", "1e-3"])
     rows = json.loads((tmp_path / "mqar_recall.json").read_text())["rows"]
     assert sorted(row["seed"] for row in rows) == [0, 1]  # the rerun replaced seed 1's row
+    # Seed 0's workdir was kept with its final checkpoint; seed 1's rerun was not kept.
+    (seed_0,) = [row for row in rows if row["seed"] == 0]
+    assert seed_0["workdir"] == str(kept / "attention_p8_t64_b64_lr0.001_s0_n4")
+    assert (kept / "attention_p8_t64_b64_lr0.001_s0_n4" / "checkpoints" / "4").is_dir()
+    assert [row["workdir"] for row in rows if row["seed"] == 1] == [""]
     for row in rows:
         assert row["returncode"] == 0, row["error"]
         assert sorted(row["curve"], key=int) == ["2", "4"]

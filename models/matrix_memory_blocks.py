@@ -30,7 +30,7 @@ from models.registry import (
     register_block,
     residual_out_init_std,
 )
-from pallas_kernels.linear_memory.api import IMPLS
+from pallas_kernels.dispatch import IMPLS
 
 
 class MemoryBlock(nnx.Module):
