@@ -10,9 +10,10 @@ attention and the delta rule at this width): 8 key-value pairs in 64 tokens, voc
 (`RECIPES`), chosen by the sweep of `python -m benchmarks.recall_sweep` (results in
 `benchmarks/results/mqar_recall.md`): with them each kind reaches `RECALL_TARGETS[kind]` eval
 recall from seeds that were not the one tuned on, except (so far) MoM, whose seed 1 stayed on
-the plateau for 2,000 steps, and ATLAS and 16-pair Gated DeltaNet, not yet shown. The schedule is constant after the warmup:
-recall appears in a sudden jump (the induction circuit forming) whose step varies by a few
-hundred between seeds, and a decaying learning rate slows the runs that jump late.
+the plateau for 2,000 steps, and ATLAS and 16-pair Gated DeltaNet, not yet shown. The
+schedule is constant after the warmup: recall appears in a sudden jump (the induction
+circuit forming) whose step varies by a few hundred between seeds, and a decaying learning
+rate slows the runs that jump late.
 """
 
 from configs import base
