@@ -273,10 +273,11 @@ SPEC_OPTIONS = tuple(
     for field in dataclasses.fields(MemorySpec)
     if field.name not in ("norm_eps", "lp_eps", "lq_eps")
 )
+_SPEC_DEFAULTS = MemorySpec()
 MEMORY_DEFAULTS = {
     "num_heads": 0,
     "head_dim": 0,
-    **{name: getattr(MemorySpec(), name) for name in SPEC_OPTIONS},
+    **{name: getattr(_SPEC_DEFAULTS, name) for name in SPEC_OPTIONS},
     "feature_map": "identity",  # or "polynomial" (ATLAS)
     "feature_degree": 2,
     "chunk_size": 16,
@@ -289,7 +290,7 @@ ATTENTION_DEFAULTS = {"window": 256, "rope_theta": 10000.0}
 
 def _as_field_type(name, value):
     """A config value as MemorySpec's field wants it (floats from ints, tuples from lists)."""
-    default = getattr(MemorySpec(), name)
+    default = getattr(_SPEC_DEFAULTS, name)
     if isinstance(default, float):
         return float(value)
     if isinstance(default, tuple):

@@ -72,14 +72,15 @@ def auto_platform(rejects, covers):
 
 
 def kernel_platform(impl, interpret, rejects, covers):
-    """ "tpu" / "gpu" when the call runs a Pallas kernel, None for the XLA paths; an explicit
-    Pallas impl the kernel cannot take is a ValueError that says why."""
+    """(platform, interpret): "tpu" / "gpu" when the call runs a Pallas kernel, None for the
+    XLA paths, and whether to interpret it ("auto" never does). An explicit Pallas impl the
+    kernel cannot take is a ValueError that says why."""
     if impl == "auto":
-        return auto_platform(rejects, covers)
+        return auto_platform(rejects, covers), False
     if impl not in PALLAS_IMPLS:
-        return None
+        return None, False
     platform = forced_kernel_platform(impl, interpret)
     reason = rejects(platform)
     if reason is not None:
         raise ValueError(f"impl={impl!r}: the {platform} kernel does not take {reason}")
-    return platform
+    return platform, bool(interpret)

@@ -176,14 +176,13 @@ def recurrence(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     common = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids)
-    platform = kernel_platform(impl, interpret, *_kernel_checks(q, k, v, chunk_size))
-    interpret = interpret and impl != "auto"
+    platform, interpret = kernel_platform(impl, interpret, *_kernel_checks(q, k, v, chunk_size))
     if impl == "reference":
         o, final_state = _reference(q, k, v, g, beta, **common)
     elif platform is not None:
         block_sizes = default_block_sizes(platform, chunk_size)
         o, final_state = _kernels[platform](
-            q, k, v, g, beta, block_sizes=block_sizes, interpret=bool(interpret), **common
+            q, k, v, g, beta, block_sizes=block_sizes, interpret=interpret, **common
         )
     else:  # "chunked", and "auto" where no kernel covers the call.
         o, final_state = _chunked(q, k, v, g, beta, chunk_size=chunk_size, **common)

@@ -116,10 +116,9 @@ def neural_memory(
     check_impl(impl)
     _check_inputs(memory, q, k, v, lr, momentum, log_decay, initial_state, chunk_size,
                   huber_delta, omega_gate)  # fmt: skip
-    platform = kernel_platform(
+    platform, interpret = kernel_platform(
         impl, interpret, *kernel_api.kernel_checks(memory, q, k, v, chunk_size)
     )
-    interpret = interpret and impl != "auto"
     if platform is not None and (huber_delta is not None or omega_gate is not None):
         if impl != "auto":  # the kernels implement neither input
             raise ValueError(f"impl={impl!r}: the kernels take no huber_delta / omega_gate")
