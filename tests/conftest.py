@@ -39,3 +39,9 @@ def _cpu_description() -> str:
 def pytest_report_header(config):
     del config
     return f"cpu: {_cpu_description()}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The same line at the end of the run: `make test` runs pytest -q, which hides the
+    header, and the summary is what a failure report quotes."""
+    terminalreporter.write_line(f"cpu: {_cpu_description()}")
