@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernels import median_seconds
-from pallas_kernels.neural_memory import chunked, kernel_api
+from pallas_kernels.neural_memory import MemoryInputs, chunked, kernel_api
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -67,11 +67,12 @@ def make_inputs(spec, batch, length, heads, dim, dtype, seed=0):
 def make_functions(spec, impl, chunk_size, interpret):
     """(forward, forward+backward), both jitted, for impl "chunked" or a kernel platform."""
 
-    def forward(*inputs):
+    def forward(*inputs):  # (q, k, v, lr, eta, g, state): gradients of each of the seven
+        record, state = MemoryInputs(*inputs[:6]), inputs[6]
         if impl == "chunked":
-            return chunked.chunked_scan(spec, *inputs, chunk_size=chunk_size)
+            return chunked.chunked_scan(spec, record, state, chunk_size)
         return kernel_api.run_kernel(
-            spec, *inputs, chunk_size=chunk_size, platform=impl, interpret=interpret
+            spec, record, state, chunk_size=chunk_size, platform=impl, interpret=interpret
         )
 
     def loss(*inputs):

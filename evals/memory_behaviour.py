@@ -67,22 +67,21 @@ def neural_memory_trace(spec, inputs, initial_state, chunk_size):
     """Diagnostics of the deep memory (module docstring) with the chunk-start rule, for any
     Miras choice (`reference.chunk_start_scan`, which the chunked form is held to).
 
-    inputs: q, k, v [B, T, H, D], lr, eta (None for GD), g and, when the spec uses them,
-    huber_delta / omega_gate [B, T, H] (as `NeuralMemory.features`); initial_state:
+    inputs: the `MemoryInputs` [B, T, H, ...] of `NeuralMemory.features`; initial_state:
     NeuralMemoryState [B, H, ...]. M_t(k) reads the effective weights (lq's normalised
     accumulator, kl's softmax), and the state norm is theirs. Returns ({quantity: [T]},
     outputs o_t = M_t(q_t) [B, T, H, Dv]).
     """
     forward = spec.memory_architecture.forward
     heads_major = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 2)  # noqa: E731
-    all_keys, all_values = heads_major(inputs["k"]), heads_major(inputs["v"])  # [B, H, T, D]
+    all_keys, all_values = heads_major(inputs.k), heads_major(inputs.v)  # [B, H, T, D]
 
     def read(state, x):  # x [B, H, D] -> [B, H, Dv] through the effective weights
         output, _ = forward(spec.effective_weights(state.weights), x[..., None, :])
         return output[..., 0, :]
 
     def observe(t, before, after, token):
-        key, value = token[1], token[2]
+        key, value = token.k, token.v
         weights = spec.effective_weights(after.weights)
         predictions, _ = forward(weights, all_keys)
         return {
@@ -96,10 +95,8 @@ def neural_memory_trace(spec, inputs, initial_state, chunk_size):
         }
 
     outputs, _, per_token = reference.chunk_start_scan(
-        spec, *(inputs.get(name) for name in ("q", "k", "v", "lr", "eta", "g")),
-        initial_state, chunk_size, huber_delta=inputs.get("huber_delta"),
-        omega_gate=inputs.get("omega_gate"), observe=observe,
-    )  # fmt: skip
+        spec, inputs, initial_state, chunk_size, observe=observe
+    )
     return _summarise(per_token), outputs
 
 

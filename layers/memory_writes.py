@@ -18,7 +18,7 @@ import dataclasses
 
 import jax
 
-from pallas_kernels.neural_memory import MemorySpec, NeuralMemoryState
+from pallas_kernels.neural_memory import MemoryInputs, MemorySpec, NeuralMemoryState
 
 
 def _pytree(*static):
@@ -34,12 +34,12 @@ def _pytree(*static):
 
 @_pytree("spec", "chunk_size", "length")
 class DeepMemoryWrites:
-    """inputs: {q, k, v [B, T, H, D]; lr, eta, g, ... [B, T, H]} (`NeuralMemory.features`);
+    """inputs: `MemoryInputs` [B, T, H, ...] (`NeuralMemory.features`);
     length: how many leading tokens are real (MAC pads to whole segments), None = all."""
 
     spec: MemorySpec
     chunk_size: int
-    inputs: dict
+    inputs: MemoryInputs
     initial_state: NeuralMemoryState
     length: int | None = None
 

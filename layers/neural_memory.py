@@ -21,7 +21,9 @@ and, only where the `MemorySpec` / options ask for them (ATLAS, Miras):
                                                          ATLAS eq. 9's γ_i)
 
 The choices themselves (ℓp / Huber bias, ℓq / KL retention, Muon and Omega rules) live in
-`pallas_kernels.neural_memory`; the layer only produces their per-token inputs.
+`pallas_kernels.neural_memory`; the layer only produces their per-token inputs, as one
+`MemoryInputs` record: the inputs a choice declares (`MemorySpec.extra_inputs`) come from
+the projections of `EXTRA_INPUTS`, so a new choice with its own input adds one entry there.
 
 The memory's initial weights M_0 are learned per head (leaves [H, d_in, d_out], logical axes
 ("heads", "memory_state", "memory_state"): `optim.routing` trains them with AdamW and no
@@ -43,6 +45,8 @@ c - 1 tokens, ℓq's accumulator, KL's log-weights), so the cached chunk-start s
 """
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +60,9 @@ from layers.norms import l2_normalize
 from layers.sharding import projection, with_logical_axes
 from layers.short_conv import ShortConv
 from pallas_kernels import neural_memory as recurrence
-from pallas_kernels.neural_memory import MemorySpec, NeuralMemoryState, api
-from pallas_kernels.neural_memory.chunked import PAD_VALUES, chunk_step
+from pallas_kernels.neural_memory import MemoryInputs, MemorySpec, NeuralMemoryState, api
+from pallas_kernels.neural_memory.chunked import chunk_step
+from pallas_kernels.neural_memory.memory_inputs import from_named, pad_values
 
 # Gate biases at init: θ = lr_max / 2, η = 1/2, α = sigmoid(-4) ≈ 0.018 (the memory keeps
 # ~98% per token, a half-life of ~38 tokens; sigmoid(0) = 1/2 would forget almost at once).
@@ -81,9 +86,22 @@ def huber_bias_init(head_dim: int) -> float:
     return math.log(math.expm1(HUBER_DELTA_INIT_SCALE * math.sqrt(head_dim)))
 
 
-def _feature_dims(name, head_dim):
-    """Trailing dims of a per-token input: q, k, v have head_dim features, gates none."""
-    return (head_dim,) if name in ("q", "k", "v") else ()
+class ExtraInput(NamedTuple):
+    """How the layer makes a per-token input a choice declares (`MemorySpec.extra_inputs`):
+    a per-head projection x W + b named `attribute`, b = bias_init(head_dim) at init, and
+    `activation` of its float32 logits."""
+
+    attribute: str
+    bias_init: Callable[[int], float]
+    activation: Callable
+
+
+EXTRA_INPUTS = {
+    "huber_delta": ExtraInput(
+        "huber_threshold", huber_bias_init, lambda z: jax.nn.softplus(z) + HUBER_DELTA_MIN
+    ),
+    "omega_gate": ExtraInput("omega_gate", lambda _: OMEGA_GATE_BIAS_INIT, jax.nn.sigmoid),
+}
 
 
 def memory_weight_init(key, shape, dtype=jnp.float32):
@@ -168,11 +186,10 @@ class NeuralMemory(nnx.Module):
             rngs=rngs,
         )
         # Built last, so a Titans layer draws exactly the parameters it always did.
-        if spec.bias == "huber":
-            threshold_bias = huber_bias_init(head_dim)
-            self.huber_threshold = linear(num_heads, ("embed", "heads"), bias=threshold_bias)
-        if spec.omega_window > 1:
-            self.omega_gate = linear(num_heads, ("embed", "heads"), bias=OMEGA_GATE_BIAS_INIT)
+        for item in spec.extra_inputs:
+            extra = _extra_input(item.name)
+            head_linear = linear(num_heads, ("embed", "heads"), bias=extra.bias_init(head_dim))
+            setattr(self, extra.attribute, head_linear)
         self.feature_map = (
             PolynomialFeatureMap(num_heads, feature_degree) if feature_map == "polynomial" else None
         )
@@ -198,9 +215,9 @@ class NeuralMemory(nnx.Module):
         return self._normalize(q.reshape(*x.shape[:2], self.num_heads, -1)), new_states
 
     def features(self, x, conv_states=None):
-        """x [B, T, D] -> ({q, k, v [B, T, H, hd]; lr, eta, g [B, T, H] float32 (eta None
-        for the GD rule); huber_delta (bias "huber"), omega_gate (omega_window > 1) [B, T, H]
-        float32 where the spec needs them}, new conv states {query, key, value: [B, K-1, C]})."""
+        """x [B, T, D] -> (MemoryInputs: q, k, v [B, T, H, hd]; lr, momentum, log_decay
+        [B, T, H] float32 (momentum None for the GD rule); the spec's declared extras
+        (`EXTRA_INPUTS`) [B, T, H] float32, new conv states {query, key, value: [B, K-1, C]})."""
         heads = (*x.shape[:2], self.num_heads, -1)
         q, new_states = self.queries(x, conv_states)
         k = self._conv("key", self.key(x), conv_states, new_states)
@@ -209,37 +226,25 @@ class NeuralMemory(nnx.Module):
         if self.spec.learning_rule.uses_momentum:
             eta = jax.nn.sigmoid(self.momentum(x).astype(jnp.float32))
         decay_logits = self.decay(x).astype(jnp.float32)
-        inputs = {
-            "q": q,
-            "k": self._normalize(k.reshape(heads)),
-            "v": v.reshape(heads),
-            "lr": self.lr_max * jax.nn.sigmoid(self.step_size(x).astype(jnp.float32)),
-            "eta": eta,
-            "g": -jax.nn.softplus(decay_logits),  # log(1 - sigmoid(a)), finite for any a
-        }
-        if self.spec.bias == "huber":
-            threshold_logits = self.huber_threshold(x).astype(jnp.float32)
-            inputs["huber_delta"] = jax.nn.softplus(threshold_logits) + HUBER_DELTA_MIN
-        if self.spec.omega_window > 1:
-            inputs["omega_gate"] = jax.nn.sigmoid(self.omega_gate(x).astype(jnp.float32))
+        extra = {}
+        for item in self.spec.extra_inputs:
+            made = _extra_input(item.name)
+            extra[item.name] = made.activation(getattr(self, made.attribute)(x).astype(jnp.float32))
+        inputs = MemoryInputs(
+            q=q,
+            k=self._normalize(k.reshape(heads)),
+            v=v.reshape(heads),
+            lr=self.lr_max * jax.nn.sigmoid(self.step_size(x).astype(jnp.float32)),
+            momentum=eta,
+            log_decay=-jax.nn.softplus(decay_logits),  # log(1 - sigmoid(a)), finite for any a
+            extra=extra,
+        )
         return inputs, new_states
 
     def writes(self, x) -> DeepMemoryWrites:
         """What the memory writes reading x [B, T, D] (the probe contract)."""
         inputs, _ = self.features(x)
         return DeepMemoryWrites(self.spec, self.chunk_size, inputs, self.initial_state(x.shape[0]))
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        """Keys of the per-token inputs `features` gives (and the decoding cache buffers)."""
-        names = ["q", "k", "v", "lr", "g"]
-        if self.spec.learning_rule.uses_momentum:
-            names.append("eta")
-        if self.spec.bias == "huber":
-            names.append("huber_delta")
-        if self.spec.omega_window > 1:
-            names.append("omega_gate")
-        return tuple(names)
 
     def initial_state(self, batch_size: int) -> NeuralMemoryState:
         initial = {name: param[...] for name, param in self.initial_weights.items()}
@@ -248,19 +253,12 @@ class NeuralMemory(nnx.Module):
     def recur(self, inputs, state, *, chunk_size=None):
         """The memory over a sequence from `state` -> (o [B, T, H, hd], final state)."""
         return recurrence.neural_memory(
-            inputs["q"],
-            inputs["k"],
-            inputs["v"],
-            inputs["lr"],
-            inputs["eta"],
-            inputs["g"],
+            inputs,
             memory=self.spec,
             initial_state=state,
             chunk_size=chunk_size or self.chunk_size,
             output_final_state=True,
             impl=self.impl,
-            huber_delta=inputs.get("huber_delta"),
-            omega_gate=inputs.get("omega_gate"),
         )
 
     def read(self, state: NeuralMemoryState, q):
@@ -289,13 +287,19 @@ class NeuralMemory(nnx.Module):
     def init_cache(self, batch_size: int) -> dict:
         """Memory at the current chunk's start, that chunk's inputs so far ([B, H, b, ...],
         float32), how many of them are filled (int32 scalar), and the conv states."""
-        chunk = (batch_size, self.num_heads, self.chunk_size)
-        # Padding values of `chunked` (finite, never read: chunk coefficients are causal).
-        buffer = {
-            name: jnp.full(shape, PAD_VALUES[name], jnp.float32)
-            for name in self.input_names
-            for shape in [chunk + _feature_dims(name, self.head_dim)]
+        # The inputs of one chunk, heads-major, at `chunked`'s padding values (finite and
+        # never read: chunk coefficients are causal).
+        scalar = (batch_size, self.num_heads, self.chunk_size)
+        shapes = dict.fromkeys(("lr", "log_decay"), scalar) | {
+            name: scalar + (self.head_dim,) for name in ("q", "k", "v")
         }
+        if self.spec.learning_rule.uses_momentum:
+            shapes["momentum"] = scalar
+        shapes.update({item.name: scalar for item in self.spec.extra_inputs})
+        pads = pad_values(self.spec.extra_inputs)
+        buffer = from_named(
+            {name: jnp.full(shape, pads[name], jnp.float32) for name, shape in shapes.items()}
+        )
         cache = {
             "chunk_start": self.initial_state(batch_size),
             "chunk": buffer,
@@ -324,28 +328,34 @@ class NeuralMemory(nnx.Module):
         (bool) is set (MAC restarts its chunks at each segment).
         """
 
-        def token_step(carry, token):
+        def token_step(carry, scanned):
             start, chunk, filled = carry
-            forced = token.pop("ends_chunk")
-            chunk = {
-                name: jax.lax.dynamic_update_index_in_dim(chunk[name], token[name], filled, 2)
-                for name in chunk
-            }
-            state, outputs = chunk_step(self.spec, start, {"eta": None, **chunk}, filled)
+            token, forced = scanned
+            chunk = jax.tree.map(
+                lambda buffer, x: jax.lax.dynamic_update_index_in_dim(buffer, x, filled, 2),
+                chunk,
+                token,
+            )
+            state, outputs = chunk_step(self.spec, start, chunk, filled)
             output = jax.lax.dynamic_index_in_dim(outputs, filled, 2, keepdims=False)
             full = (filled == self.chunk_size - 1) | forced
             start = jax.tree.map(lambda new, old: jnp.where(full, new, old), state, start)
             return (start, chunk, jnp.where(full, 0, filled + 1)), output
 
-        tokens = {  # time-major [T, B, H, ...] float32
-            name: jnp.moveaxis(inputs[name].astype(jnp.float32), 1, 0) for name in cache["chunk"]
-        }
-        length = inputs["q"].shape[1]
-        tokens["ends_chunk"] = jnp.zeros(length, bool) if ends_chunk is None else ends_chunk
+        tokens = inputs.map(lambda name, x: jnp.moveaxis(x.astype(jnp.float32), 1, 0))  # [T, ...]
+        length = inputs.q.shape[1]
+        forced = jnp.zeros(length, bool) if ends_chunk is None else ends_chunk
         carry = (cache["chunk_start"], cache["chunk"], cache["filled"])
-        (start, chunk, filled), outputs = jax.lax.scan(token_step, carry, tokens)
-        o = jnp.moveaxis(outputs, 0, 1).astype(inputs["v"].dtype)  # [B, T, H, hd]
+        (start, chunk, filled), outputs = jax.lax.scan(token_step, carry, (tokens, forced))
+        o = jnp.moveaxis(outputs, 0, 1).astype(inputs.v.dtype)  # [B, T, H, hd]
         return o, {**cache, "chunk_start": start, "chunk": chunk, "filled": filled}
+
+
+def _extra_input(name: str) -> ExtraInput:
+    if name not in EXTRA_INPUTS:
+        raise ValueError(f"the spec declares a per-token input {name!r} that the layer cannot "
+                         f"make; add it to layers.neural_memory.EXTRA_INPUTS")  # fmt: skip
+    return EXTRA_INPUTS[name]
 
 
 def memory_norms(state: NeuralMemoryState, spec: MemorySpec | None = None):

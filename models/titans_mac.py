@@ -82,7 +82,7 @@ class MACBlock(GatedAttentionBlock):
 
     def segments(self, x, positions):
         """The segment loop -> (gated outputs [B, T, D], final memory state, the memory's
-        write inputs {name: [B, T', ...]} (`NeuralMemory.features` of the attention
+        write inputs (`MemoryInputs` [B, T', ...]: `NeuralMemory.features` of the attention
         outputs, T' = T padded to whole segments; what `evals.memory_behaviour` traces))."""
         batch, length, _ = x.shape
         size = self.segment_size

@@ -13,6 +13,7 @@ from pallas_kernels.dispatch import check_impl, kernel_platform
 from pallas_kernels.neural_memory import chunked, kernel_api, reference
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState
 from pallas_kernels.neural_memory.choices_miras import empty_window
+from pallas_kernels.neural_memory.memory_inputs import MemoryInputs, check_extras
 
 
 def init_state(spec: MemorySpec, initial_weights, batch_size) -> NeuralMemoryState:
@@ -42,19 +43,15 @@ def init_state(spec: MemorySpec, initial_weights, batch_size) -> NeuralMemorySta
     return NeuralMemoryState(weights, momentum, window)
 
 
-def step(spec: MemorySpec, state, q_t, k_t, v_t, lr_t, mom_t, g_t, *, huber_delta_t=None,
-         omega_gate_t=None):  # fmt: skip
-    """One token of the exact rule for decoding: q_t, k_t [B, H, Dk], v_t [B, H, Dv]; lr_t,
-    mom_t (None for GD), g_t, huber_delta_t (bias "huber" only), omega_gate_t (None = 1)
-    [B, H] -> (o_t [B, H, Dv] in v's dtype, new float32 state)."""
-    _check_scalars(spec, q_t.shape[:2], "[B, H]", lr_t, mom_t, g_t, huber_delta_t, omega_gate_t)
-    _check_window(spec, state, q_t.shape[0], q_t.shape[1])
-    if g_t is None:
-        g_t = jnp.zeros_like(lr_t)
-    as_f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
-    inputs = (q_t, k_t, v_t, lr_t, mom_t, g_t, huber_delta_t, omega_gate_t)
-    output, state = reference.step(spec, state, *map(as_f32, inputs))
-    return output.astype(v_t.dtype), state
+def step(spec: MemorySpec, state, token: MemoryInputs):
+    """One token of the exact rule for decoding: q, k [B, H, Dk], v [B, H, Dv], the scalars
+    [B, H] (log_decay None: no forgetting) -> (o_t [B, H, Dv] in v's dtype, new float32
+    state)."""
+    _check_scalars(spec, token, token.q.shape[:2], "[B, H]")
+    _check_window(spec, state, token.q.shape[0], token.q.shape[1])
+    as_float32 = _with_log_decay(token).map(lambda name, x: x.astype(jnp.float32))
+    output, state = reference.step(spec, state, as_float32)
+    return output.astype(token.v.dtype), state
 
 
 def read(spec: MemorySpec, state: NeuralMemoryState, q):
@@ -82,12 +79,7 @@ def state_norms(state: NeuralMemoryState, spec: MemorySpec | None = None) -> dic
 
 
 def neural_memory(
-    q,
-    k,
-    v,
-    lr,
-    momentum,
-    log_decay,
+    inputs: MemoryInputs,
     *,
     memory: MemorySpec,
     initial_state: NeuralMemoryState,
@@ -95,15 +87,13 @@ def neural_memory(
     output_final_state: bool = False,
     impl: str = "auto",
     interpret: bool = False,
-    huber_delta=None,
-    omega_gate=None,
 ):
     """Deep-memory recurrence over a sequence (Titans eqs. 8-18, Miras choices in `memory`).
 
-    q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; lr (theta_t > 0), momentum (eta_t, None for the
-    GD rule), log_decay (g_t <= 0; None means no forgetting), huber_delta (delta_t > 0;
-    required iff memory.bias == "huber"), omega_gate (gamma_t of the Omega rule, ATLAS eq.
-    9; None means ones): [B, T, H]. `initial_state`
+    inputs: q, k [B, T, H, Dk]; v [B, T, H, Dv]; lr (theta_t > 0), momentum (eta_t, None for
+    the GD rule), log_decay (g_t <= 0; None means no forgetting) and in `extra` the inputs
+    `memory.extra_inputs` declares (huber_delta delta_t > 0 for the huber bias; omega_gate,
+    ATLAS eq. 9's gamma_t, optional for omega_window > 1: ones) [B, T, H]. `initial_state`
     leaves [B, H, d_in, d_out] (see `init_state`). q is used as given (scale it yourself).
     impl: "reference" (exact token rule, ignores chunk_size), "chunked" (gradients at each
     chunk's start memory, Titans eqs. 16-18; chunk_size 1 is the exact rule), "pallas_tpu" /
@@ -114,51 +104,46 @@ def neural_memory(
     float32 state or None).
     """
     check_impl(impl)
-    _check_inputs(memory, q, k, v, lr, momentum, log_decay, initial_state, chunk_size,
-                  huber_delta, omega_gate)  # fmt: skip
+    _check_inputs(memory, inputs, initial_state, chunk_size)
     platform, interpret = kernel_platform(
-        impl, interpret, *kernel_api.kernel_checks(memory, q, k, v, chunk_size)
+        impl, interpret, *kernel_api.kernel_checks(memory, inputs.q, inputs.k, inputs.v, chunk_size)
     )
-    if platform is not None and (huber_delta is not None or omega_gate is not None):
-        if impl != "auto":  # the kernels implement neither input
-            raise ValueError(f"impl={impl!r}: the kernels take no huber_delta / omega_gate")
+    if platform is not None and inputs.extra:
+        if impl != "auto":  # the kernels implement no declared input
+            raise ValueError(f"impl={impl!r}: the kernels take no {sorted(inputs.extra)} input")
         platform = None
     if platform is not None:
         output, final_state = kernel_api.run_kernel(
-            memory, q, k, v, lr, momentum, log_decay, initial_state,
-            chunk_size=chunk_size, platform=platform, interpret=interpret,
+            memory, inputs, initial_state, chunk_size=chunk_size, platform=platform,
+            interpret=interpret,
         )  # fmt: skip
         return output, (final_state if output_final_state else None)
-    if log_decay is None:
-        log_decay = jnp.zeros_like(lr)
-    args = (memory, q, k, v, lr, momentum, log_decay, initial_state)
-    extra = dict(huber_delta=huber_delta, omega_gate=omega_gate)
+    inputs = _with_log_decay(inputs)
     if impl == "reference":
-        output, final_state = reference.exact_scan(*args, **extra)
+        output, final_state = reference.exact_scan(memory, inputs, initial_state)
     else:
-        output, final_state = chunked.chunked_scan(*args, chunk_size=chunk_size, **extra)
+        output, final_state = chunked.chunked_scan(memory, inputs, initial_state, chunk_size)
     return output, (final_state if output_final_state else None)
 
 
-def _check_scalars(spec, leading, layout, lr, momentum, log_decay, huber_delta, omega_gate):
-    """The gates must be per-token per-head scalars shaped `leading`; huber_delta is
-    required exactly for the huber bias."""
-    for name, value in (
-        ("lr", lr),
-        ("momentum", momentum),
-        ("log_decay", log_decay),
-        ("huber_delta", huber_delta),
-        ("omega_gate", omega_gate),
-    ):
-        if value is not None and value.shape != tuple(leading):
+def _with_log_decay(inputs: MemoryInputs) -> MemoryInputs:
+    """log_decay None (no forgetting) as zeros: the reference and chunked forms take one."""
+    if inputs.log_decay is not None:
+        return inputs
+    return inputs.replace(log_decay=jnp.zeros_like(inputs.lr))
+
+
+def _check_scalars(spec, inputs: MemoryInputs, leading, layout):
+    """The gates must be per-token per-head scalars shaped `leading`; the extras exactly
+    those the spec declares; momentum given exactly for a rule that uses it."""
+    for name, value in inputs.named().items():
+        if name not in ("q", "k", "v") and value.shape != tuple(leading):
             raise ValueError(f"{name} has shape {value.shape}; expected {layout}={leading}")
-    if spec.attentional_bias.needs_threshold and huber_delta is None:
-        raise ValueError(f"bias={spec.bias!r} needs a huber_delta (delta_t > 0) input; got None")
-    if not spec.attentional_bias.needs_threshold and huber_delta is not None:
-        raise ValueError(f"bias={spec.bias!r} takes no huber_delta input; pass huber_delta=None")
-    if spec.learning_rule.uses_momentum and momentum is None:
+    check_extras(spec.extra_inputs, inputs.extra, f"MemorySpec(bias={spec.bias!r}, "
+                 f"omega_window={spec.omega_window})")  # fmt: skip
+    if spec.learning_rule.uses_momentum and inputs.momentum is None:
         raise ValueError(f"rule={spec.rule!r} needs a momentum (eta) input; got None")
-    if not spec.learning_rule.uses_momentum and momentum is not None:
+    if not spec.learning_rule.uses_momentum and inputs.momentum is not None:
         raise ValueError(f"rule={spec.rule!r} takes no momentum input; pass momentum=None")
 
 
@@ -169,7 +154,7 @@ def _check_window(spec, state, batch, heads):
         if state.window is not None:
             raise ValueError("initial_state.window must be None for omega_window=1")
         return
-    wanted = {"k", "v", "gate"} | ({"huber_delta"} if spec.bias == "huber" else set())
+    wanted = {"k", "v", "gate"} | {item.name for item in spec.attentional_bias.inputs}
     if state.window is None or set(state.window) != wanted:
         got = None if state.window is None else sorted(state.window)
         raise ValueError(
@@ -183,8 +168,8 @@ def _check_window(spec, state, batch, heads):
         )
 
 
-def _check_inputs(spec, q, k, v, lr, momentum, log_decay, state, chunk_size, huber_delta,
-                  omega_gate):  # fmt: skip
+def _check_inputs(spec, inputs: MemoryInputs, state, chunk_size):
+    q, k, v = inputs.q, inputs.k, inputs.v
     if q.ndim != 4 or k.shape != q.shape:
         raise ValueError(f"q {q.shape} and k {k.shape} must both be [B, T, H, Dk]")
     batch, seq_len, heads, key_dim = q.shape
@@ -194,8 +179,7 @@ def _check_inputs(spec, q, k, v, lr, momentum, log_decay, state, chunk_size, hub
         raise ValueError("neural_memory needs at least one token (T >= 1)")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r}; expected a positive int")
-    _check_scalars(spec, (batch, seq_len, heads), "[B, T, H]", lr, momentum, log_decay,
-                   huber_delta, omega_gate)  # fmt: skip
+    _check_scalars(spec, inputs, (batch, seq_len, heads), "[B, T, H]")
     _check_window(spec, state, batch, heads)
     shapes = spec.weight_shapes(key_dim, v.shape[3])
     if spec.learning_rule.uses_momentum != (state.momentum is not None):

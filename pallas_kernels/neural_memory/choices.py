@@ -33,6 +33,7 @@ from pallas_kernels.neural_memory.choices_architecture import (  # noqa: F401 (r
     silu,
     silu_derivative,
 )
+from pallas_kernels.neural_memory.memory_inputs import TokenInput
 
 Weights = dict[str, jax.Array]
 
@@ -65,33 +66,35 @@ class NeuralMemoryState(NamedTuple):
 class AttentionalBias:
     """Inner loss l(M; k, v) per token, and its gradient w.r.t. the memory output M(k).
 
-    Both take (prediction [..., t, d], value [..., t, d], threshold [..., t] or None); the
-    threshold is Huber's delta_t and ignored by the others. `options(spec)` gives the
-    keyword arguments the spec fixes (lp's p and eps); `MemorySpec.attentional_bias` binds them.
+    Both take (prediction [..., t, d], value [..., t, d]) and, as keyword arguments, the
+    per-token inputs [..., t] the bias declares in `inputs` (Huber's huber_delta): the
+    recurrence hands every declared input to the loss of each token it scores, including the
+    tokens of an Omega window. `options(spec)` gives the keyword arguments the spec fixes
+    (lp's p and eps); `MemorySpec.attentional_bias` binds them.
     """
 
     name: str
     loss: Callable  # -> [..., t]
     output_grad: Callable  # -> like prediction
-    needs_threshold: bool = False
+    inputs: tuple[TokenInput, ...] = ()
     options: Callable | None = None
 
 
-def l2_loss(prediction, value, threshold=None):
+def l2_loss(prediction, value):
     """1/2 ||M(k) - v||^2. The 1/2 (absent in Titans eq. 12) makes theta the delta rule's beta."""
     return 0.5 * jnp.sum(jnp.square(prediction - value), axis=-1)
 
 
-def l2_output_grad(prediction, value, threshold=None):
+def l2_output_grad(prediction, value):
     return prediction - value
 
 
-def dot_product_loss(prediction, value, threshold=None):
+def dot_product_loss(prediction, value):
     """-<M(k), v>: with a matrix memory and GD this is (gated) linear attention."""
     return -jnp.sum(prediction * value, axis=-1)
 
 
-def dot_product_output_grad(prediction, value, threshold=None):
+def dot_product_output_grad(prediction, value):
     return jnp.broadcast_to(-value, prediction.shape)
 
 
@@ -104,7 +107,9 @@ ATTENTIONAL_BIASES = {
         miras.lp_output_grad,
         options=lambda spec: {"p": spec.lp_p, "eps": spec.lp_eps},
     ),
-    "huber": AttentionalBias("huber", miras.huber_loss, miras.huber_output_grad, True),
+    "huber": AttentionalBias(
+        "huber", miras.huber_loss, miras.huber_output_grad, inputs=(miras.HUBER_DELTA,)
+    ),
 }
 
 
@@ -300,7 +305,7 @@ class MemorySpec:
     width `expansion * D`, activation "gelu" (exact erf) or "silu", output x + LN(z_L) with a
     parameter-free LN, eps `norm_eps`).
     bias: "l2", "dot_product", "lp" (Moneta; `lp_p`, smoothing `lp_eps`) or "huber" (Yaad;
-      needs the per-token `huber_delta` input). See `choices_miras`.
+      declares the per-token `huber_delta` input). See `choices_miras`.
     retention: "gated_decay", "lq" (Moneta; `lq_q`, `lq_eps` keeps the norm finite at 0) or
       "kl" (Memora; weights `kl_scale` x sqrt(d_in) x softmax).
     rule: "gd", "momentum" or "muon" (ATLAS; `ns_steps` Newton-Schulz steps with
@@ -381,6 +386,13 @@ class MemorySpec:
         """True when `chunked.chunk_step`'s attention-like linear form applies (Titans eqs.
         16-18): gated_decay retention and a rule with chunk coefficients (gd, momentum)."""
         return self.retention_rule.linear and self.learning_rule.chunk_coefficients is not None
+
+    @property
+    def extra_inputs(self) -> tuple[TokenInput, ...]:
+        """The per-token inputs beyond q, k, v, lr, momentum, log_decay that these choices
+        declare (`MemoryInputs.extra`): the bias's, and the Omega gate for omega_window > 1."""
+        omega = (miras.OMEGA_GATE,) if self.omega_window > 1 else ()
+        return ATTENTIONAL_BIASES[self.bias].inputs + omega
 
     def effective_weights(self, stored):
         """The weights the memory network runs on, from the stored state (see `Retention`)."""

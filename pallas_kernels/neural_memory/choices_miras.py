@@ -44,21 +44,25 @@ S (which includes theta).
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.neural_memory.memory_inputs import TokenInput
+
 # ------------------------------------------------------------------------ attentional biases
 
 
-def lp_loss(prediction, value, threshold=None, *, p, eps):
+def lp_loss(prediction, value, *, p, eps):
     """(1/p) sum_j [(e_j^2 + eps)^(p/2) - eps^(p/2)]: smooth (1/p) ||e||_p^p, 0 at e = 0."""
-    del threshold
     squared = jnp.square(prediction - value) + eps
     return jnp.sum(jnp.power(squared, p / 2.0) - eps ** (p / 2.0), axis=-1) / p
 
 
-def lp_output_grad(prediction, value, threshold=None, *, p, eps):
+def lp_output_grad(prediction, value, *, p, eps):
     """e (e^2 + eps)^((p-2)/2) = smooth Sign(e) |e|^(p-1); exactly e when p = 2."""
-    del threshold
     error = prediction - value
     return error * jnp.power(jnp.square(error) + eps, (p - 2.0) / 2.0)
+
+
+# Yaad's per-token threshold, an input the huber bias declares (`AttentionalBias.inputs`).
+HUBER_DELTA = TokenInput("huber_delta", pad=1.0, empty=1.0)
 
 
 def _inside_huber(error, threshold):
@@ -66,7 +70,7 @@ def _inside_huber(error, threshold):
     return jnp.sum(jnp.square(error), axis=-1) <= jnp.square(threshold)
 
 
-def huber_loss(prediction, value, threshold):
+def huber_loss(prediction, value, *, huber_delta):
     """Yaad eq. 26: 1/2 ||e||^2 inside the threshold, delta_t ||e||_1 outside.
 
     |e| is written e Sign(e) with Sign under stop_gradient, so `jax.grad` gives exactly
@@ -75,13 +79,13 @@ def huber_loss(prediction, value, threshold):
     error = prediction - value
     l1 = jnp.sum(error * jax.lax.stop_gradient(jnp.sign(error)), axis=-1)
     l2 = 0.5 * jnp.sum(jnp.square(error), axis=-1)
-    return jnp.where(_inside_huber(error, threshold), l2, threshold * l1)
+    return jnp.where(_inside_huber(error, huber_delta), l2, huber_delta * l1)
 
 
-def huber_output_grad(prediction, value, threshold):
+def huber_output_grad(prediction, value, *, huber_delta):
     error = prediction - value
-    inside = _inside_huber(error, threshold)[..., None]
-    return jnp.where(inside, error, threshold[..., None] * jnp.sign(error))
+    inside = _inside_huber(error, huber_delta)[..., None]
+    return jnp.where(inside, error, huber_delta[..., None] * jnp.sign(error))
 
 
 # ------------------------------------------------------------------------------- retentions
@@ -170,9 +174,14 @@ def muon_update(momentum, grads, lr, eta, *, steps, coefficients):
 # ---------------------------------------------------------------------- the Omega window
 
 
+# ATLAS eq. 9's gamma_t, declared by a spec with omega_window > 1 (absent: all ones).
+OMEGA_GATE = TokenInput("omega_gate", pad=0.0, empty=0.0, required=False)
+
+
 def empty_window(spec, batch, heads, key_dim, value_dim, dtype=jnp.float32):
     """The Omega window before the first token: c-1 zero tokens with gate 0 (they add
-    nothing), Huber threshold 1 (any positive value would do). None when c == 1."""
+    nothing), and the bias's inputs at their `TokenInput.empty` values (Huber's threshold
+    1: any positive value would do). None when c == 1."""
     size = spec.omega_window - 1
     if size == 0:
         return None
@@ -181,6 +190,6 @@ def empty_window(spec, batch, heads, key_dim, value_dim, dtype=jnp.float32):
         "v": jnp.zeros((batch, heads, size, value_dim), dtype),
         "gate": jnp.zeros((batch, heads, size), dtype),
     }
-    if spec.bias == "huber":
-        window["huber_delta"] = jnp.ones((batch, heads, size), dtype)
+    for item in spec.attentional_bias.inputs:
+        window[item.name] = jnp.full((batch, heads, size), item.empty, dtype)
     return window

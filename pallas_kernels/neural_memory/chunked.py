@@ -17,7 +17,8 @@ Other choices (lq, kl, muon): `chunked_materialised`, a cheap per-token pass ove
 materialised per-token gradients.
 
 `lax.scan` runs over the chunks. T not a multiple of b is padded at the end (zero q/k/v/
-theta/g/omega_gate, eta = 1, huber_delta = 1: finite, so nothing NaN leaks), and the last
+theta/g, eta = 1, each declared input at its `TokenInput.pad`: finite, so nothing NaN
+leaks), and the last
 chunk's state is read at its last real token instead of its end. Padded tokens cannot simply
 be made neutral: with momentum no token leaves the state unchanged (M_t = M~_t + S_t moves M
 whenever S != 0, and eta = 0 would wipe S). Rows up to the last real token never see the
@@ -35,13 +36,7 @@ from pallas_kernels.neural_memory.chunked_gradients import (
     per_entry,
     window_entries,
 )
-
-# Padding of a partial chunk, per key of the chunk dict (the layer's feature names).
-PAD_VALUES = {
-    "q": 0.0, "k": 0.0, "v": 0.0, "lr": 0.0, "eta": 1.0, "g": 0.0,
-    "huber_delta": 1.0, "omega_gate": 0.0,
-}  # fmt: skip
-_INPUT_NAMES = ("q", "k", "v", "lr", "eta", "g", "huber_delta", "omega_gate")
+from pallas_kernels.neural_memory.memory_inputs import MemoryInputs, pad_values
 
 
 def _outer_sum(coefficients, inputs, deltas):
@@ -49,12 +44,12 @@ def _outer_sum(coefficients, inputs, deltas):
     return jnp.einsum("...i,...im,...in->...mn", coefficients, inputs, deltas)
 
 
-def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk: dict, last):
+def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk: MemoryInputs, last):
     """One chunk -> (state after token `last`, o [B, H, b, Dv]).
 
-    state leaves [B, H, m, n]; chunk: "q", "k", "v" [B, H, b, D]; "lr", "eta" (None or
-    absent for gd), "g" and optionally "huber_delta", "omega_gate" [B, H, b]; `last`: index
-    of the chunk's last real token (an int or int32 scalar). Padding: `PAD_VALUES`.
+    state leaves [B, H, m, n]; chunk: heads-major inputs (q, k, v [B, H, b, D]; the per-token
+    scalars [B, H, b], log_decay present); `last`: index of the chunk's last real token (an
+    int or int32 scalar). Padding: `memory_inputs.pad_values`.
     """
     if spec.linear_in_chunk:
         return _linear_chunk_step(spec, state, chunk, last)
@@ -63,7 +58,7 @@ def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk: dict, last):
 
 def _linear_chunk_step(spec, state, chunk, last):
     """Steps 1-3 of the module doc (gated_decay with gd or momentum)."""
-    query, lr, eta, log_decay = chunk["q"], chunk["lr"], chunk.get("eta"), chunk["g"]
+    query, lr, eta, log_decay = chunk.q, chunk.lr, chunk.momentum, chunk.log_decay
     architecture = spec.memory_architecture
     names = architecture.layer_names
     weights, momentum = state.weights, state.momentum
@@ -128,25 +123,22 @@ def _split_chunks(x, num_chunks, chunk_size, pad_value):
     return jnp.moveaxis(x, 2, 0)
 
 
-def chunked_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chunk_size,
-                 huber_delta=None, omega_gate=None):  # fmt: skip
+def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size):
     """Chunk-parallel form: inputs as `reference.exact_scan` -> (o in v's dtype, final state).
 
     Equals `reference.chunk_start_scan(..., chunk_size)`; with chunk_size 1 the exact rule.
     """
-    seq_len = q.shape[1]
+    seq_len = inputs.q.shape[1]
     num_chunks = -(-seq_len // chunk_size)
     state = jax.tree.map(at_least_float32, initial_state)
-    inputs = (q, k, v, lr, momentum, log_decay, huber_delta, omega_gate)
-    chunks = {
-        name: _split_chunks(_heads_major(x), num_chunks, chunk_size, PAD_VALUES[name])
-        for name, x in zip(_INPUT_NAMES, inputs)
-        if x is not None
-    }
+    pads = pad_values(spec.extra_inputs)
+    chunks = inputs.map(
+        lambda name, x: _split_chunks(_heads_major(x), num_chunks, chunk_size, pads[name])
+    )
     last = jnp.full((num_chunks,), chunk_size - 1).at[-1].set((seq_len - 1) % chunk_size)
     state, outputs = jax.lax.scan(
         lambda carry, xs: chunk_step(spec, carry, xs[0], xs[1]), state, (chunks, last)
     )
     batch, heads = outputs.shape[1:3]
     outputs = jnp.moveaxis(outputs, 0, 2).reshape(batch, heads, num_chunks * chunk_size, -1)
-    return jnp.moveaxis(outputs[:, :, :seq_len], 2, 1).astype(v.dtype), state
+    return jnp.moveaxis(outputs[:, :, :seq_len], 2, 1).astype(inputs.v.dtype), state

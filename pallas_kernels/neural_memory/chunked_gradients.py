@@ -18,31 +18,31 @@ import jax.numpy as jnp
 
 class WindowEntries(NamedTuple):
     """The chunk's (token, window slot) entries: keys [B, H, b*c, Dk], values [B, H, b*c, Dv],
-    thresholds / gates [B, H, b*c] (None when absent), and the window after token `last`
-    (tokens are axis 2 of every window leaf)."""
+    bias_inputs {name: [B, H, b*c]} (the inputs the bias declares), gates [B, H, b*c] (None
+    when absent), and the window after token `last` (tokens are axis 2 of every window leaf)."""
 
     keys: jax.Array
     values: jax.Array
-    thresholds: jax.Array | None
+    bias_inputs: dict
     gates: jax.Array | None
     carried: dict | None
 
 
 def window_entries(spec, window, chunk, last) -> WindowEntries:
-    """Lay out the Omega windows of a chunk (see the module doc). With c = 1 the entries are
-    the chunk's own tokens, untouched (so the Titans path computes exactly what it did)."""
+    """Lay out the Omega windows of a chunk (a heads-major `MemoryInputs`, see the module
+    doc). With c = 1 the entries are the chunk's own tokens, untouched (so the Titans path
+    computes exactly what it did)."""
     size = spec.omega_window
+    bias_names = [item.name for item in spec.attentional_bias.inputs]
     if size == 1:
-        return WindowEntries(chunk["k"], chunk["v"], chunk.get("huber_delta"),
-                             chunk.get("omega_gate"), None)  # fmt: skip
-    gate = chunk.get("omega_gate")
-    tokens = {"k": chunk["k"], "v": chunk["v"]}
-    tokens["gate"] = jnp.ones_like(chunk["lr"]) if gate is None else gate
-    if "huber_delta" in window:
-        tokens["huber_delta"] = chunk["huber_delta"]
+        bias_inputs = {name: chunk.extra[name] for name in bias_names}
+        return WindowEntries(chunk.k, chunk.v, bias_inputs, chunk.extra.get("omega_gate"), None)
+    gate = chunk.extra.get("omega_gate")
+    tokens = {"k": chunk.k, "v": chunk.v, "gate": jnp.ones_like(chunk.lr) if gate is None else gate}
+    tokens.update({name: chunk.extra[name] for name in bias_names})
     # [c-1 carried tokens; b chunk tokens] along the token axis.
     joined = {name: jnp.concatenate([window[name], tokens[name]], axis=2) for name in window}
-    chunk_size = chunk["k"].shape[2]
+    chunk_size = chunk.k.shape[2]
     # Entry (s, j) reads joined token s + j: token s's window, oldest (j = 0) first.
     index = (jnp.arange(chunk_size)[:, None] + jnp.arange(size)[None, :]).reshape(-1)
     entries = {name: jnp.take(x, index, axis=2) for name, x in joined.items()}
@@ -50,8 +50,8 @@ def window_entries(spec, window, chunk, last) -> WindowEntries:
         name: jax.lax.dynamic_slice_in_dim(x, last + 1, size - 1, axis=2)
         for name, x in joined.items()
     }
-    return WindowEntries(entries["k"], entries["v"], entries.get("huber_delta"),
-                         entries["gate"], carried)  # fmt: skip
+    bias_inputs = {name: entries[name] for name in bias_names}
+    return WindowEntries(entries["k"], entries["v"], bias_inputs, entries["gate"], carried)
 
 
 def per_entry(spec, x):
@@ -65,7 +65,7 @@ def gradient_factors(spec, weights, entries: WindowEntries, scale=1.0):
     entries is its gradient u_s for layer l. Also returns the memory's predictions."""
     architecture, bias = spec.memory_architecture, spec.attentional_bias
     prediction, cache = architecture.forward(weights, entries.keys, scale=scale)
-    output_grad = bias.output_grad(prediction, entries.values, entries.thresholds)
+    output_grad = bias.output_grad(prediction, entries.values, **entries.bias_inputs)
     if entries.gates is not None:  # backprop is linear in the output cotangent
         output_grad = entries.gates[..., None] * output_grad
     return architecture.backward(weights, cache, output_grad, scale=scale)

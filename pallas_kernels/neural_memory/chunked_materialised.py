@@ -40,9 +40,10 @@ from pallas_kernels.neural_memory.chunked_gradients import (
     per_token_gradients,
     window_entries,
 )
+from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
 
 
-def chunk_step(spec, state: NeuralMemoryState, chunk: dict, last):
+def chunk_step(spec, state: NeuralMemoryState, chunk: MemoryInputs, last):
     """One chunk, any choices (as `chunked.chunk_step`) -> (state after `last`, o [B, H, b, Dv])."""
     architecture, retention = spec.memory_architecture, spec.retention_rule
     names = architecture.layer_names
@@ -50,7 +51,7 @@ def chunk_step(spec, state: NeuralMemoryState, chunk: dict, last):
     entries = window_entries(spec, state.window, chunk, last)
     if retention.gradient_at_retained:  # gamma_t M_{c0}: each weight scaled per token
         point = state.weights
-        scale = per_entry(spec, jnp.exp(jnp.cumsum(chunk["g"], axis=-1)))[..., None]
+        scale = per_entry(spec, jnp.exp(jnp.cumsum(chunk.log_decay, axis=-1)))[..., None]
     else:  # W_{c0}
         point, scale = spec.effective_weights(state.weights), 1.0
     factors = gradient_factors(spec, point, entries, scale)
@@ -67,7 +68,7 @@ def chunk_step(spec, state: NeuralMemoryState, chunk: dict, last):
     def read_layer(index, layer_input):  # token t through its own W_t
         return jnp.einsum("...tm,...tmn->...tn", layer_input, weights[names[index]])
 
-    output, _ = architecture.run_layers(chunk["q"], read_layer)
+    output, _ = architecture.run_layers(chunk.q, read_layer)
     new_state = NeuralMemoryState(retention.after_update(stored), momentum, entries.carried)
     return new_state, output
 
@@ -92,11 +93,11 @@ def token_states(spec, state, gradients, chunk):
       muon: S_t = E_t S0 - sum_{i<=t} P[t, i] u_i, U_t = theta_t NS(S_t) for all t as one
         batch, M_t = Gamma_t M0 + sum_{i<=t} A[t, i] U_i.
     """
-    rule, lr = spec.learning_rule, chunk["lr"]
-    start_decay, transfer = spec.retention_rule.chunk_transfer(chunk["g"])
+    rule, lr = spec.learning_rule, chunk.lr
+    start_decay, transfer = spec.retention_rule.chunk_transfer(chunk.log_decay)
 
     if rule.chunk_coefficients is not None:
-        coefficients = rule.chunk_coefficients(transfer, chunk.get("eta"))
+        coefficients = rule.chunk_coefficients(transfer, chunk.momentum)
         steps = jax.tree.map(lambda u: -lr[..., None, None] * u, gradients)
         stored = jax.tree.map(
             lambda m0, w: _scaled(start_decay, m0) + _apply(coefficients.update, w),
@@ -117,7 +118,7 @@ def token_states(spec, state, gradients, chunk):
         )
         return stored, momentum
 
-    momentum_update, momentum_carried = momentum_transfer(chunk["eta"])
+    momentum_update, momentum_carried = momentum_transfer(chunk.momentum)
     momentum = jax.tree.map(
         lambda s0, u: _scaled(momentum_carried, s0) - _apply(momentum_update, u),
         state.momentum,

@@ -8,8 +8,8 @@ the chunked XLA path; `kernel_rejects` says why.
     kernel_platform_for_auto(spec, q, k, v, chunk_size) -> "tpu" | "gpu" | None
     kernel_checks(spec, q, k, v, chunk_size) -> (rejects, covers) for `pallas_kernels.dispatch`
     kernel_rejects(spec, platform, key_dim, value_dim, chunk_size, dtypes) -> reason | None
-    run_kernel(spec, q, k, v, lr, momentum, log_decay, initial_state, *, chunk_size,
-               platform, interpret) -> (o [B, T, H, D] in v's dtype, final float32 state)
+    run_kernel(spec, inputs, initial_state, *, chunk_size, platform, interpret)
+        -> (o [B, T, H, D] in v's dtype, final float32 state)
 
 `run_kernel` equals `chunked.chunked_scan` (same chunking, same padding of a partial final
 chunk), with gradients of q, k, v, lr, momentum, log_decay and the initial state.
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from pallas_kernels.dispatch import auto_platform, dtype_rejects, is_power_of_2
 from pallas_kernels.neural_memory import gpu, kernel_math, tpu
 from pallas_kernels.neural_memory.block_sizes import default_block_sizes
+from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
 
 # The spec fields the kernels hard-wire, with the only value they implement.
 _KERNEL_SPEC = {
@@ -92,24 +93,24 @@ def kernel_platform_for_auto(spec, q, k, v, chunk_size):
     return auto_platform(*kernel_checks(spec, q, k, v, chunk_size))
 
 
-def run_kernel(
-    spec, q, k, v, lr, momentum, log_decay, initial_state, *, chunk_size, platform, interpret
-):
+def run_kernel(spec, inputs: MemoryInputs, initial_state, *, chunk_size, platform, interpret):
     """Run the `platform` kernel ("tpu" / "gpu"); `interpret=True` runs it on CPU.
 
-    Arguments as `chunked.chunked_scan` (log_decay may be None: no forgetting); the caller
-    checks shapes and `kernel_rejects` first. Returns (o in v's dtype, final float32
-    NeuralMemoryState).
+    Arguments as `chunked.chunked_scan` (log_decay may be None: no forgetting; the kernels'
+    spec declares no extra inputs); the caller checks shapes and `kernel_rejects` first.
+    Returns (o in v's dtype, final float32 NeuralMemoryState).
     """
+    if inputs.extra:
+        raise ValueError(f"the kernels take no {sorted(inputs.extra)} input")
     block_sizes = default_block_sizes(platform, chunk_size)
     return _recurrences[platform](
         spec,
-        q,
-        k,
-        v,
-        lr,
-        momentum,
-        log_decay,
+        inputs.q,
+        inputs.k,
+        inputs.v,
+        inputs.lr,
+        inputs.momentum,
+        inputs.log_decay,
         initial_state,
         block_sizes=block_sizes,
         interpret=bool(interpret),

@@ -25,35 +25,39 @@ start: gated_decay: gamma_t M_{c0}, gamma_t = exp(sum_{m=c0+1..t} g_m) (the chun
 memory decayed to token t); lq, kl: W_{c0} = effective(M_{c0}). Everything else (rule,
 retention, read) is exact. With chunk_size 1 it is the exact rule.
 
-Inputs: q, k [B, T, H, Dk]; v [B, T, H, Dv]; lr (theta), momentum (eta, or None for GD),
-log_decay (g <= 0), huber_delta (delta_t > 0, bias "huber" only), omega_gate (gamma in
-[0, 1], or None for ones) [B, T, H]; state leaves [B, H, d_in, d_out].
+Inputs: one `MemoryInputs` (q, k [B, T, H, Dk]; v [B, T, H, Dv]; lr (theta), momentum (eta,
+or None for GD), log_decay (g <= 0) and the spec's declared extras (Huber's huber_delta,
+the Omega gate gamma in [0, 1], absent meaning ones) [B, T, H]); state leaves
+[B, H, d_in, d_out].
 """
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
+from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
 
 
-def window_gradient(spec: MemorySpec, weights, keys, values, thresholds=None, gates=None):
+def window_gradient(spec: MemorySpec, weights, keys, values, bias_inputs=None, gates=None):
     """grad_M sum_n gates_n l(M; keys_n, values_n): keys [B, H, n, Dk], values [B, H, n, Dv],
-    thresholds / gates [B, H, n] or None; leaves [B, H, ...]."""
+    bias_inputs {name: [B, H, n]} (the inputs the bias declares), gates [B, H, n] or None;
+    leaves [B, H, ...]."""
     architecture, bias = spec.memory_architecture, spec.attentional_bias
 
     def total_loss(w):
         # Each (b, h) weight only touches its own tokens, so the sum separates.
         prediction, _ = architecture.forward(w, keys)
-        losses = bias.loss(prediction, values, thresholds)
+        losses = bias.loss(prediction, values, **(bias_inputs or {}))
         return jnp.sum(losses if gates is None else gates * losses)
 
     return jax.grad(total_loss)(weights)
 
 
-def memory_gradient(spec: MemorySpec, weights, key, value, threshold=None):
-    """grad_M l(M; k, v) for one token per (batch, head): key [B, H, Dk], leaves [B, H, ...]."""
-    threshold = None if threshold is None else threshold[..., None]
-    return window_gradient(spec, weights, key[..., None, :], value[..., None, :], threshold)
+def memory_gradient(spec: MemorySpec, weights, key, value, bias_inputs=None):
+    """grad_M l(M; k, v) for one token per (batch, head): key [B, H, Dk], bias_inputs
+    {name: [B, H]}; leaves [B, H, ...]."""
+    per_token = {name: x[..., None] for name, x in (bias_inputs or {}).items()}
+    return window_gradient(spec, weights, key[..., None, :], value[..., None, :], per_token)
 
 
 def read(spec: MemorySpec, weights, query):
@@ -63,21 +67,29 @@ def read(spec: MemorySpec, weights, query):
     return output[..., 0, :]
 
 
-def omega_window_tokens(spec, window, key, value, threshold, gate):
-    """Token t's Omega window, oldest first: (keys [B, H, c, Dk], values, thresholds, gates)
-    (thresholds / gates None when absent), and the window to carry to token t + 1."""
-    add_axis = lambda x: None if x is None else x[..., None]  # noqa: E731
+def omega_window_tokens(spec, window, token: MemoryInputs):
+    """Token t's Omega window, oldest first: (keys [B, H, c, Dk], values, bias inputs
+    {name: [B, H, c]}, gates [B, H, c] or None when absent), and the window to carry to
+    token t + 1."""
+    bias_names = [item.name for item in spec.attentional_bias.inputs]
+    gate = token.extra.get("omega_gate")
     if spec.omega_window == 1:
-        return (key[..., None, :], value[..., None, :], add_axis(threshold), add_axis(gate)), None
-    token = {"k": key[..., None, :], "v": value[..., None, :]}
-    token["gate"] = add_axis(jnp.ones_like(key[..., 0]) if gate is None else gate)
-    if threshold is not None:
-        token["huber_delta"] = add_axis(threshold)
-    axis = {"k": -2, "v": -2, "gate": -1, "huber_delta": -1}
-    full = {name: jnp.concatenate([window[name], token[name]], axis[name]) for name in window}
-    carried = {name: jax.lax.slice_in_dim(x, 1, None, axis=axis[name] % x.ndim)
-               for name, x in full.items()}  # fmt: skip
-    return (full["k"], full["v"], full.get("huber_delta"), full["gate"]), carried
+        bias_inputs = {name: token.extra[name][..., None] for name in bias_names}
+        gates = None if gate is None else gate[..., None]
+        return (token.k[..., None, :], token.v[..., None, :], bias_inputs, gates), None
+    current = {"k": token.k[..., None, :], "v": token.v[..., None, :]}
+    current["gate"] = (jnp.ones_like(token.k[..., 0]) if gate is None else gate)[..., None]
+    current.update({name: token.extra[name][..., None] for name in bias_names})
+    axis = {"k": -2, "v": -2}  # per-token scalars: the last axis
+    full = {
+        name: jnp.concatenate([window[name], current[name]], axis.get(name, -1)) for name in window
+    }
+    carried = {
+        name: jax.lax.slice_in_dim(x, 1, None, axis=axis.get(name, -1) % x.ndim)
+        for name, x in full.items()
+    }
+    bias_inputs = {name: full[name] for name in bias_names}
+    return (full["k"], full["v"], bias_inputs, full["gate"]), carried
 
 
 def _update(spec, state, retained, gradient, lr, momentum, window):
@@ -87,66 +99,59 @@ def _update(spec, state, retained, gradient, lr, momentum, window):
     return NeuralMemoryState(weights, new_momentum, window)
 
 
-def _token(spec, state, point, token):
+def _token(spec, state, point, token: MemoryInputs):
     """One token given the point P_t where its gradients are taken -> (o_t, state)."""
-    query, key, value, lr, momentum, log_decay, threshold, gate = token
-    retained = spec.retention_rule.retain(state.weights, log_decay)
+    retained = spec.retention_rule.retain(state.weights, token.log_decay)
     if point is None:  # the exact rule
         point = retained
         if not spec.retention_rule.gradient_at_retained:
             point = spec.effective_weights(state.weights)
-    window_inputs, window = omega_window_tokens(spec, state.window, key, value, threshold, gate)
+    window_inputs, window = omega_window_tokens(spec, state.window, token)
     gradient = window_gradient(spec, point, *window_inputs)
-    state = _update(spec, state, retained, gradient, lr, momentum, window)
-    return read(spec, spec.effective_weights(state.weights), query), state
+    state = _update(spec, state, retained, gradient, token.lr, token.momentum, window)
+    return read(spec, spec.effective_weights(state.weights), token.q), state
 
 
-def step(spec, state, query, key, value, lr, momentum, log_decay, huber_delta=None,
-         omega_gate=None):  # fmt: skip
+def step(spec, state, token: MemoryInputs):
     """One token of the exact rule: per-token inputs [B, H, D] / [B, H] -> (o_t, state)."""
-    token = (query, key, value, lr, momentum, log_decay, huber_delta, omega_gate)
     return _token(spec, state, None, token)
 
 
-def _time_major(x):
-    return None if x is None else jnp.moveaxis(at_least_float32(x), 1, 0)
+def _time_major(inputs: MemoryInputs) -> MemoryInputs:
+    return inputs.map(lambda name, x: jnp.moveaxis(at_least_float32(x), 1, 0))
 
 
-def exact_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, huber_delta=None,
-               omega_gate=None):  # fmt: skip
+def exact_scan(spec, inputs: MemoryInputs, initial_state):
     """The exact token rule over a sequence -> (o [B, T, H, Dv] in v's dtype, final state)."""
 
     def body(state, token):
         output, state = _token(spec, state, None, token)
         return state, output
 
-    inputs = (q, k, v, lr, momentum, log_decay, huber_delta, omega_gate)
-    tokens = tuple(map(_time_major, inputs))
-    final_state, outputs = jax.lax.scan(body, jax.tree.map(at_least_float32, initial_state), tokens)
-    return jnp.moveaxis(outputs, 0, 1).astype(v.dtype), final_state
+    state = jax.tree.map(at_least_float32, initial_state)
+    final_state, outputs = jax.lax.scan(body, state, _time_major(inputs))
+    return jnp.moveaxis(outputs, 0, 1).astype(inputs.v.dtype), final_state
 
 
-def chunk_start_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chunk_size,
-                     huber_delta=None, omega_gate=None, observe=None):  # fmt: skip
+def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, observe=None):
     """Token by token, but every gradient at the chunk-start point (see the module doc:
     gamma_t M_{c0} for gated_decay, W_{c0} for lq / kl) -> (o, final state).
 
-    observe: optional (t, state before token t, state after it, token t's inputs (q, k, v,
-    lr, eta, g, huber_delta, omega_gate), each [B, H, ...] or None) -> pytree; given, it runs at
-    every token and (o, final state, observations stacked on a leading T axis) is returned
-    (`evals.memory_behaviour` traces retrieval errors with it)."""
-    seq_len = q.shape[1]
+    observe: optional (t, state before token t, state after it, token t's `MemoryInputs`
+    [B, H, ...]) -> pytree; given, it runs at every token and (o, final state, observations
+    stacked on a leading T axis) is returned (`evals.memory_behaviour` traces retrieval
+    errors with it)."""
+    seq_len = inputs.q.shape[1]
     starts_chunk = jnp.arange(seq_len) % chunk_size == 0
     retention = spec.retention_rule
 
-    def body(carry, token):
+    def body(carry, scanned):
         state, chunk_start_weights, gamma = carry
-        starts, index, token = token[0], token[1], token[2:]
-        log_decay_t = token[5]
+        starts, index, token = scanned
         chunk_start_weights = jax.tree.map(
             lambda start, now: jnp.where(starts, now, start), chunk_start_weights, state.weights
         )
-        gamma = jnp.where(starts, 1.0, gamma) * jnp.exp(log_decay_t)
+        gamma = jnp.where(starts, 1.0, gamma) * jnp.exp(token.log_decay)
         if retention.gradient_at_retained:  # gamma_t M_{c0}
             point = jax.tree.map(lambda w: gamma[..., None, None] * w, chunk_start_weights)
         else:  # W_{c0}
@@ -156,11 +161,10 @@ def chunk_start_scan(spec, q, k, v, lr, momentum, log_decay, initial_state, chun
         return (new_state, chunk_start_weights, gamma), (output, observed)
 
     state = jax.tree.map(at_least_float32, initial_state)
-    gamma = jnp.ones_like(at_least_float32(lr[:, 0]))
-    inputs = (q, k, v, lr, momentum, log_decay, huber_delta, omega_gate)
-    tokens = (starts_chunk, jnp.arange(seq_len)) + tuple(map(_time_major, inputs))
+    gamma = jnp.ones_like(at_least_float32(inputs.lr[:, 0]))
+    scanned = (starts_chunk, jnp.arange(seq_len), _time_major(inputs))
     (final_state, _, _), (outputs, observed) = jax.lax.scan(
-        body, (state, state.weights, gamma), tokens
+        body, (state, state.weights, gamma), scanned
     )
-    outputs = jnp.moveaxis(outputs, 0, 1).astype(v.dtype)
+    outputs = jnp.moveaxis(outputs, 0, 1).astype(inputs.v.dtype)
     return (outputs, final_state) if observe is None else (outputs, final_state, observed)

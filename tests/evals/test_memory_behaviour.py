@@ -139,11 +139,11 @@ def _check_trace_against_chunked(spec):
     }
     state = neural_memory.init_state(spec, initial, BATCH)  # float32 ...
     state = jax.tree.map(lambda leaf: leaf.astype(x["v"].dtype), state)  # ... or float64
-    inputs = {"q": x["q"], "k": x["k"], "v": x["v"], "lr": x["lr"], "eta": eta, "g": x["g"]}
-    traced, outputs = memory_behaviour.neural_memory_trace(spec, inputs | extra, state, chunk_size)
+    inputs = neural_memory.MemoryInputs(x["q"], x["k"], x["v"], x["lr"], eta, x["g"], extra)
+    traced, outputs = memory_behaviour.neural_memory_trace(spec, inputs, state, chunk_size)
     expected, final_state = neural_memory.neural_memory(
-        x["q"], x["k"], x["v"], x["lr"], eta, x["g"], memory=spec, initial_state=state,
-        chunk_size=chunk_size, output_final_state=True, impl="chunked", **extra,
+        inputs, memory=spec, initial_state=state, chunk_size=chunk_size,
+        output_final_state=True, impl="chunked",
     )  # fmt: skip
     np.testing.assert_allclose(outputs, expected, **TOLERANCE)
     weights = spec.effective_weights(final_state.weights)  # what the network reads

@@ -52,7 +52,7 @@ def test_matrix_l2_gd_memory_is_the_gated_delta_rule():
     inputs, _ = layer.features(_inputs())
     state = layer.initial_state(BATCH)
     ours, our_state = layer.recur(inputs, state, chunk_size=1)
-    q, k, v, lr, g = (inputs[name] for name in ("q", "k", "v", "lr", "g"))
+    q, k, v, lr, g = inputs.q, inputs.k, inputs.v, inputs.lr, inputs.log_decay
     theirs, their_state = linear_memory.gated_delta_rule(
         q, k, v, g, lr, scale=1.0, initial_state=state.weights["W"], output_final_state=True
     )
@@ -168,7 +168,8 @@ def test_titans_defaults_build_no_new_parameters():
         "query", "key", "value", "query_conv", "key_conv", "value_conv",
         "step_size", "momentum", "decay", "initial_weights", "output",
     }  # fmt: skip
-    assert _layer().input_names == ("q", "k", "v", "lr", "g", "eta")
+    inputs, _ = _layer().features(_inputs())
+    assert set(inputs.named()) == {"q", "k", "v", "lr", "momentum", "log_decay"}
 
 
 @pytest.mark.parametrize("name", NEW_CHOICES)
@@ -176,11 +177,11 @@ def test_new_choices_run_forward_and_backward(name):
     spec, options = NEW_CHOICES[name]
     layer = _layer(spec, init_std=0.3, **options)
     inputs, _ = layer.features(_inputs())
-    assert set(inputs) - {"eta"} == set(layer.input_names) - {"eta"}
-    if "huber_delta" in inputs:
-        assert float(jnp.min(inputs["huber_delta"])) > 0
-    if "omega_gate" in inputs:
-        gates = inputs["omega_gate"]
+    assert set(inputs.extra) == {item.name for item in spec.extra_inputs}
+    if "huber_delta" in inputs.extra:
+        assert float(jnp.min(inputs.extra["huber_delta"])) > 0
+    if "omega_gate" in inputs.extra:
+        gates = inputs.extra["omega_gate"]
         assert float(jnp.min(gates)) >= 0 and float(jnp.max(gates)) <= 1
 
     def loss(module):  # one compilation for the forward and the backward

@@ -38,5 +38,5 @@ def test_every_block_answers_the_protocol(kind):
         assert writes.q.shape[:2] == (BATCH, LENGTH) and writes.v.shape[:2] == (BATCH, LENGTH)
     else:
         assert isinstance(writes, DeepMemoryWrites)
-        shapes = [x.shape[:2] for x in writes.inputs.values() if x is not None]  # eta: GD
+        shapes = [x.shape[:2] for x in writes.inputs.named().values()]
         assert shapes and all(b == BATCH and t >= LENGTH for b, t in shapes)

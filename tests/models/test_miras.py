@@ -74,11 +74,16 @@ def test_each_kind_is_its_papers_choice():
     for kind in KINDS:  # all of them the memory-as-a-layer block, the same memory class
         assert type(_block(kind)).__name__ == "LMMBlock"
         assert specs[kind].architecture == "mlp" and specs[kind].depth == 2
+
     # The per-token inputs each choice needs, and only those.
-    assert set(_memory("yaad").input_names) == {"q", "k", "v", "lr", "g", "huber_delta"}
-    assert "omega_gate" in _memory("atlas").input_names
-    assert "eta" in _memory("atlas").input_names  # Muon orthogonalises a momentum
-    assert "eta" not in _memory("omeganet").input_names
+    def input_names(kind):
+        inputs, _ = _memory(kind).features(jnp.zeros((1, 2, WIDTH)))
+        return set(inputs.named())
+
+    assert input_names("yaad") == {"q", "k", "v", "lr", "log_decay", "huber_delta"}
+    assert "omega_gate" in input_names("atlas")
+    assert "momentum" in input_names("atlas")  # Muon orthogonalises a momentum
+    assert "momentum" not in input_names("omeganet")
 
 
 def test_memora_scale_is_a_config_option():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.neural_memory import (
+    MemoryInputs,
     MemorySpec,
     NeuralMemoryState,
     choices,
@@ -54,7 +55,7 @@ def spec_id(spec):
 
 
 def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, dim=DIM, batch=BATCH):
-    """(q, k, v, lr, momentum, log_decay, state) in the default-like regime described above."""
+    """(MemoryInputs, state) in the default-like regime described above."""
     rng = np.random.default_rng(seed)
 
     def normal(*shape):
@@ -73,7 +74,8 @@ def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, dim=DIM, batch=BATCH):
     state_momentum = None
     if spec.learning_rule.uses_momentum:  # a nonzero carried momentum exercises D_t
         state_momentum = {n: 0.1 * normal(batch, HEADS, *s) for n, s in shapes.items()}
-    return q, k, v, lr, momentum, log_decay, NeuralMemoryState(weights, state_momentum)
+    inputs = MemoryInputs(q, k, v, lr, momentum, log_decay)
+    return inputs, NeuralMemoryState(weights, state_momentum)
 
 
 def max_relative_error(actual, expected):
@@ -181,12 +183,12 @@ def gated_linear_attention_numpy(q, k, v, lr, log_decay, initial):
 @pytest.mark.parametrize("impl", ["reference", "chunked"])
 def test_matrix_gd_is_a_closed_form_rule(bias, closed_form, impl):
     spec = MemorySpec(architecture="matrix", bias=bias, rule="gd")
-    q, k, v, lr, _, log_decay, state = make_inputs(spec, seq_len=25, seed=4)
-    lr = 4.0 * lr  # beta up to 0.2, still a contraction for unit keys
+    inputs, state = make_inputs(spec, seq_len=25, seed=4)
+    inputs = inputs.replace(lr=4.0 * inputs.lr)  # beta up to 0.2, still a contraction for unit keys
     output, final = jit_neural_memory(
-        q, k, v, lr, None, log_decay, memory=spec, initial_state=state,
-        chunk_size=1, output_final_state=True, impl=impl,
-    )  # fmt: skip
+        inputs, memory=spec, initial_state=state, chunk_size=1, output_final_state=True, impl=impl
+    )
+    q, k, v, lr, log_decay = inputs.q, inputs.k, inputs.v, inputs.lr, inputs.log_decay
     expected_output, expected_state = closed_form(q, k, v, lr, log_decay, state.weights["W"])
     assert max_relative_error(output, expected_output) < F32_TOL
     assert max_relative_error(final.weights["W"], expected_state) < F32_TOL
@@ -199,9 +201,9 @@ def scalar_loss(run, spec, seed):
     """A random linear functional of outputs and final state, as a function of all inputs."""
     rng = np.random.default_rng(seed)
 
-    def loss(q, k, v, lr, momentum, log_decay, initial_weights):
+    def loss(inputs, initial_weights):
         state = init_state(spec, initial_weights, BATCH)
-        output, final = run(q, k, v, lr, momentum, log_decay, state)
+        output, final = run(inputs, state)
         leaves = [output] + jax.tree.leaves(final)
         probes = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in leaves]
         return sum(jnp.sum(x * p) for x, p in zip(leaves, probes))
@@ -220,10 +222,8 @@ GRADIENT_CASES = [
     "spec, chunk_size", GRADIENT_CASES, ids=[f"{spec_id(s)}-b{b}" for s, b in GRADIENT_CASES]
 )
 def test_gradients_match_reference(spec, chunk_size):
-    q, k, v, lr, momentum, log_decay, state = make_inputs(spec, seq_len=10, seed=5)
+    inputs, state = make_inputs(spec, seq_len=10, seed=5)
     initial_weights = {name: leaf[0] for name, leaf in state.weights.items()}  # [H, ...]
-    inputs = (q, k, v, lr, momentum, log_decay, initial_weights)
-    arg_numbers = tuple(i for i, x in enumerate(inputs) if x is not None)
 
     def expected_run(*a):
         return reference.chunk_start_scan(spec, *a, chunk_size)
@@ -231,9 +231,12 @@ def test_gradients_match_reference(spec, chunk_size):
     def actual_run(*a):
         return chunked.chunked_scan(spec, *a, chunk_size=chunk_size)
 
-    grad = lambda run: jax.jit(jax.grad(scalar_loss(run, spec, 6), argnums=arg_numbers))  # noqa: E731
-    expected, actual = grad(expected_run)(*inputs), grad(actual_run)(*inputs)
-    for e, a in zip(expected, actual):
+    grad = lambda run: jax.jit(jax.grad(scalar_loss(run, spec, 6), argnums=(0, 1)))  # noqa: E731
+    expected = grad(expected_run)(inputs, initial_weights)
+    actual = grad(actual_run)(inputs, initial_weights)
+    # every input's gradient, and the initial weights'
+    for e, a in zip([*expected[0].named().values(), expected[1]],
+                    [*actual[0].named().values(), actual[1]], strict=True):  # fmt: skip
         assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(a))
         assert max_relative_error(a, e) < GRAD_TOL
 
@@ -298,15 +301,13 @@ def test_hand_backprop_matches_autodiff(depth):
 
 def test_step_by_step_decoding_equals_the_sequence():
     spec = MemorySpec(architecture="mlp", rule="momentum")
-    q, k, v, lr, momentum, log_decay, state = make_inputs(spec, seq_len=6, seed=9)
+    inputs, state = make_inputs(spec, seq_len=6, seed=9)
     expected, expected_final = jit_neural_memory(
-        q, k, v, lr, momentum, log_decay, memory=spec, initial_state=state,
-        output_final_state=True, impl="reference",
-    )  # fmt: skip
+        inputs, memory=spec, initial_state=state, output_final_state=True, impl="reference"
+    )
     outputs = []
     for t in range(6):
-        output, state = jit_step(spec, state, q[:, t], k[:, t], v[:, t], lr[:, t], momentum[:, t],
-                             log_decay[:, t])  # fmt: skip
+        output, state = jit_step(spec, state, inputs.map(lambda name, x, t=t: x[:, t]))
         outputs.append(output)
     assert max_relative_error(jnp.stack(outputs, axis=1), expected) < F32_TOL
     assert max_relative_error(state, expected_final) < F32_TOL
@@ -314,17 +315,18 @@ def test_step_by_step_decoding_equals_the_sequence():
 
 def test_api_defaults_dtypes_and_norms():
     spec = MemorySpec(architecture="mlp", rule="gd")
-    q, k, v, lr, _, _, state = make_inputs(spec, seq_len=10, seed=10)
+    inputs, state = make_inputs(spec, seq_len=10, seed=10)
+    inputs = inputs.replace(log_decay=None)
     initial = {name: leaf[0] for name, leaf in state.weights.items()}
     state = init_state(spec, initial, BATCH)
     assert state.momentum is None and state.weights["W1"].shape == (BATCH, HEADS, DIM, 2 * DIM)
-    no_decay, final = jit_neural_memory(q, k, v, lr, None, None, memory=spec, initial_state=state,
-                                    chunk_size=4, output_final_state=True)  # fmt: skip
-    zero_decay, _ = jit_neural_memory(q, k, v, lr, None, jnp.zeros_like(lr), memory=spec,
-                                  initial_state=state, chunk_size=4)  # fmt: skip
+    no_decay, final = jit_neural_memory(inputs, memory=spec, initial_state=state,
+                                        chunk_size=4, output_final_state=True)  # fmt: skip
+    zero_decay, _ = jit_neural_memory(inputs.replace(log_decay=jnp.zeros_like(inputs.lr)),
+                                      memory=spec, initial_state=state, chunk_size=4)  # fmt: skip
     np.testing.assert_array_equal(no_decay, zero_decay)
-    low, low_final = jit_neural_memory(q, k, v.astype(jnp.bfloat16), lr, None, None, memory=spec,
-                                   initial_state=state, output_final_state=True)  # fmt: skip
+    low, low_final = jit_neural_memory(inputs.replace(v=inputs.v.astype(jnp.bfloat16)), memory=spec,
+                                       initial_state=state, output_final_state=True)  # fmt: skip
     assert low.dtype == jnp.bfloat16 and low_final.weights["W1"].dtype == jnp.float32
     norms = state_norms(final)
     assert set(norms) == {"weights/W1", "weights/W2"} and norms["weights/W1"].shape == (HEADS,)
@@ -334,12 +336,14 @@ def test_api_defaults_dtypes_and_norms():
 
 def test_api_rejects_bad_input():
     spec = MemorySpec(architecture="mlp", rule="momentum")
-    q, k, v, lr, momentum, log_decay, state = make_inputs(spec, seq_len=5, seed=11)
+    inputs, state = make_inputs(spec, seq_len=5, seed=11)
+    q, k, v, lr, momentum, log_decay = (getattr(inputs, name) for name in
+                                        ("q", "k", "v", "lr", "momentum", "log_decay"))  # fmt: skip
 
     def call(**changes):
-        arguments = dict(q=q, k=k, v=v, lr=lr, momentum=momentum, log_decay=log_decay)
-        arguments.update(memory=spec, initial_state=state)
-        return neural_memory(**{**arguments, **changes})
+        fields = {name: changes.pop(name) for name in list(changes) if hasattr(inputs, name)}
+        arguments = {"memory": spec, "initial_state": state, **changes}
+        return neural_memory(inputs.replace(**fields), **arguments)
 
     for changes in (
         dict(k=k[:, :4]),
@@ -387,7 +391,7 @@ def test_long_sequence_stays_finite_and_bounded(spec, dtype):
     initial = {n: 0.02 * normal(HEADS, *s) for n, s in spec.weight_shapes(DIM, DIM).items()}
     state = init_state(spec, initial, 1)
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
-    run = jax.jit(lambda *a: neural_memory(*a, memory=spec, initial_state=state,
+    run = jax.jit(lambda *a: neural_memory(MemoryInputs(*a), memory=spec, initial_state=state,
                                            chunk_size=16, output_final_state=True))  # fmt: skip
     output, final = run(*map(cast, (q, k, v, lr, momentum, log_decay)))
     output = np.asarray(output, np.float32)

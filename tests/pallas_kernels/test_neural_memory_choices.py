@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.neural_memory import (
+    MemoryInputs,
     MemorySpec,
     NeuralMemoryState,
     chunked,
@@ -29,6 +30,7 @@ from pallas_kernels.neural_memory import (
     step,
 )
 from pallas_kernels.neural_memory.choices_miras import empty_window
+from pallas_kernels.neural_memory.memory_inputs import from_named
 
 # Shapes and tolerances (fixed once, with their reasons) shared with the Titans tests.
 from tests.pallas_kernels.test_neural_memory import (
@@ -66,8 +68,7 @@ ALL_SPECS = {**MODELS, **SINGLE_CHOICES}
 
 
 def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, batch=BATCH):
-    """(args, extras): args = (q, k, v, lr, momentum, log_decay, state) and extras =
-    {huber_delta, omega_gate} (None where the spec takes none)."""
+    """(MemoryInputs with the extras the spec declares (huber_delta, omega_gate), state)."""
     rng = np.random.default_rng(seed)
 
     def normal(*shape):
@@ -85,6 +86,7 @@ def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, batch=BATCH):
         "huber_delta": 2.0 + 3.0 * jax.nn.sigmoid(normal(*shape)) if spec.bias == "huber" else None,
         "omega_gate": jax.nn.sigmoid(normal(*shape)) if spec.omega_window > 1 else None,
     }
+    extras = {name: x for name, x in extras.items() if x is not None}
     shapes = spec.weight_shapes(DIM, DIM)
     spread = (lambda s: 1.0) if spec.retention == "kl" else (lambda s: 1.0 / np.sqrt(s[0]))
     weights = {n: normal(batch, HEADS, *s) * spread(s) for n, s in shapes.items()}
@@ -99,19 +101,19 @@ def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, batch=BATCH):
         if "huber_delta" in window:
             window["huber_delta"] = 2.0 + 3.0 * jax.nn.sigmoid(window["huber_delta"])
     state = NeuralMemoryState(weights, state_momentum, window)
-    return (q, k, v, lr, momentum, log_decay, state), extras
+    return MemoryInputs(q, k, v, lr, momentum, log_decay, extras), state
 
 
-def run_exact(spec, args, extras):
-    return jax.jit(lambda *a: reference.exact_scan(spec, *a, **extras))(*args)
+def run_exact(spec, inputs, state):
+    return jax.jit(lambda *a: reference.exact_scan(spec, *a))(inputs, state)
 
 
-def run_chunk_start(spec, args, extras, chunk_size):
-    return jax.jit(lambda *a: reference.chunk_start_scan(spec, *a, chunk_size, **extras))(*args)
+def run_chunk_start(spec, inputs, state, chunk_size):
+    return jax.jit(lambda *a: reference.chunk_start_scan(spec, *a, chunk_size))(inputs, state)
 
 
-def run_chunked(spec, args, extras, chunk_size):
-    return jax.jit(lambda *a: chunked.chunked_scan(spec, *a, chunk_size, **extras))(*args)
+def run_chunked(spec, inputs, state, chunk_size):
+    return jax.jit(lambda *a: chunked.chunked_scan(spec, *a, chunk_size))(inputs, state)
 
 
 # ------------------------------------------------------------------ chunked vs references
@@ -121,13 +123,13 @@ def run_chunked(spec, args, extras, chunk_size):
 def test_chunked_matches_references(name):
     """chunk 1 == exact rule; chunk 4 (and 8) == chunk-start rule (T = 11: partial chunks)."""
     spec = ALL_SPECS[name]
-    args, extras = make_inputs(spec, seq_len=11, seed=1)
-    exact = run_exact(spec, args, extras)
-    assert max_relative_error(run_chunked(spec, args, extras, 1), exact) < F32_TOL
+    args = make_inputs(spec, seq_len=11, seed=1)
+    exact = run_exact(spec, *args)
+    assert max_relative_error(run_chunked(spec, *args, 1), exact) < F32_TOL
     chunk_sizes = (4, 8) if name in LARGER_CHUNK else (4,)
     for chunk_size in chunk_sizes:
-        expected = run_chunk_start(spec, args, extras, chunk_size)
-        actual = run_chunked(spec, args, extras, chunk_size)
+        expected = run_chunk_start(spec, *args, chunk_size)
+        actual = run_chunked(spec, *args, chunk_size)
         assert max_relative_error(actual, expected) < F32_TOL
         # Guards against comparing two things that cannot differ.
         assert max_relative_error(expected, exact) > 10 * F32_TOL
@@ -137,26 +139,20 @@ def test_chunked_matches_references(name):
 def test_algebra_in_float64(name):
     spec = MODELS[name]
     with jax.enable_x64(True):
-        args, extras = make_inputs(spec, seq_len=6, seed=2, dtype=jnp.float64)
-        exact = reference.exact_scan(spec, *args, **extras)
-        chunked_one = chunked.chunked_scan(spec, *args, 1, **extras)
+        args = make_inputs(spec, seq_len=6, seed=2, dtype=jnp.float64)
+        exact = reference.exact_scan(spec, *args)
+        chunked_one = chunked.chunked_scan(spec, *args, 1)
         assert max_relative_error(chunked_one, exact) < F64_TOL
-        expected = reference.chunk_start_scan(spec, *args, 4, **extras)
-        assert (
-            max_relative_error(chunked.chunked_scan(spec, *args, 4, **extras), expected) < F64_TOL
-        )
+        expected = reference.chunk_start_scan(spec, *args, 4)
+        assert max_relative_error(chunked.chunked_scan(spec, *args, 4), expected) < F64_TOL
 
 
 def test_materialised_chunk_equals_the_linear_one():
     """The per-token pass of `chunked_materialised` on Titans' choices (Omega window 2, so
     the window layout is shared too) equals the attention-like linear chunk."""
     spec = MemorySpec(rule="momentum", omega_window=2)
-    args, extras = make_inputs(spec, seq_len=6, seed=3)
-    *inputs, state = args
-    chunk = {
-        name: jnp.moveaxis(x, 1, 2) for name, x in zip(("q", "k", "v", "lr", "eta", "g"), inputs)
-    }
-    chunk["omega_gate"] = jnp.moveaxis(extras["omega_gate"], 1, 2)
+    inputs, state = make_inputs(spec, seq_len=6, seed=3)
+    chunk = inputs.map(lambda name, x: jnp.moveaxis(x, 1, 2))  # heads-major
     for last in (5, 3):  # rows after `last` are padding: callers discard them
         linear = jax.jit(chunked.chunk_step, static_argnums=0)(spec, state, chunk, last)
         materialised = jax.jit(chunked_materialised.chunk_step, static_argnums=0)(
@@ -171,17 +167,14 @@ def test_omega_window_state_makes_chunks_self_contained():
     """Two calls (8 tokens, then 6 from the returned state) == one call on 14 tokens, with
     chunk 4 and c = 3: the window crosses chunk and call boundaries."""
     spec = MODELS["atlas"]
-    args, extras = make_inputs(spec, seq_len=14, seed=4)
-    *inputs, state = args
-    whole = run_chunked(spec, args, extras, 4)
+    inputs, state = make_inputs(spec, seq_len=14, seed=4)
+    whole = run_chunked(spec, inputs, state, 4)
 
-    def part(x, start, stop):
-        return None if x is None else x[:, start:stop]
+    def part(start, stop):
+        return inputs.map(lambda name, x: x[:, start:stop])
 
-    first = run_chunked(spec, [part(x, 0, 8) for x in inputs] + [state],
-                        {n: part(x, 0, 8) for n, x in extras.items()}, 4)  # fmt: skip
-    second = run_chunked(spec, [part(x, 8, 14) for x in inputs] + [first[1]],
-                         {n: part(x, 8, 14) for n, x in extras.items()}, 4)  # fmt: skip
+    first = run_chunked(spec, part(0, 8), state, 4)
+    second = run_chunked(spec, part(8, 14), first[1], 4)
     joined = jnp.concatenate([first[0], second[0]], axis=1)
     assert max_relative_error((joined, second[1]), whole) < F32_TOL
 
@@ -193,39 +186,33 @@ def test_omega_window_state_makes_chunks_self_contained():
 def test_gradients_match_chunk_start_scan(name):
     """d(random functional of outputs and final state) / d(every input, initial weights)."""
     spec = GRADIENT_SPECS[name]
-    args, extras = make_inputs(spec, seq_len=6, seed=5)
-    *inputs, state = args
+    inputs, state = make_inputs(spec, seq_len=6, seed=5)
     initial_weights = {n: leaf[0] for n, leaf in state.weights.items()}  # [H, ...]
-    names = ("q", "k", "v", "lr", "momentum", "log_decay", "huber_delta", "omega_gate")
-    values = dict(zip(names, list(inputs) + [extras["huber_delta"], extras["omega_gate"]]))
-    values = {n: x for n, x in values.items() if x is not None}
 
-    def loss(run, values, initial_weights):
+    def loss(run, inputs, initial_weights):
         rng = np.random.default_rng(6)  # the same probes for both runs
-        full = {n: values.get(n) for n in names}
         start = init_state(spec, initial_weights, BATCH)
-        output, final = run(*(full[n] for n in names[:6]), start, full["huber_delta"],
-                            full["omega_gate"])  # fmt: skip
+        output, final = run(inputs, start)
         leaves = [output] + jax.tree.leaves(final)
         probes = [jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in leaves]
         return sum(jnp.sum(x * p) for x, p in zip(leaves, probes))
 
-    def expected_run(*a):
-        return reference.chunk_start_scan(spec, *a[:7], 4, *a[7:])
+    def expected_run(inputs, start):
+        return reference.chunk_start_scan(spec, inputs, start, 4)
 
-    def actual_run(*a):
-        return chunked.chunked_scan(spec, *a[:7], 4, *a[7:])
+    def actual_run(inputs, start):
+        return chunked.chunked_scan(spec, inputs, start, 4)
 
     grads = [
-        jax.jit(jax.grad(lambda v, w, run=run: loss(run, v, w), argnums=(0, 1)))(
-            values, initial_weights
+        jax.jit(jax.grad(lambda x, w, run=run: loss(run, x, w), argnums=(0, 1)))(
+            inputs, initial_weights
         )
         for run in (expected_run, actual_run)
     ]
     expected, actual = grads
-    for key in list(values) + ["initial"]:
-        e = expected[1] if key == "initial" else expected[0][key]
-        a = actual[1] if key == "initial" else actual[0][key]
+    for key in list(inputs.named()) + ["initial"]:
+        e = expected[1] if key == "initial" else expected[0].named()[key]
+        a = actual[1] if key == "initial" else actual[0].named()[key]
         assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(a)), key
         assert max_relative_error(a, e) < GRAD_TOL, key
 
@@ -235,25 +222,23 @@ def test_gradients_match_chunk_start_scan(name):
 
 @pytest.mark.parametrize("impl", ["exact", "chunk4"])
 def test_special_cases_reduce_to_l2_and_the_online_rule(impl):
-    """lp with p = 2 and huber with a huge threshold are l2; the Omega rule with c = 1 and
-    gates of one is the online rule. All exactly (the same float operations)."""
+    """lp with p = 2 and huber with a huge threshold are l2, exactly (the same float
+    operations). (The Omega rule with c = 1 is the online rule by construction: it declares
+    no gate, and the API refuses one, see the bad-input test.)"""
     base = MemorySpec(rule="momentum")
-    args, _ = make_inputs(base, seq_len=9, seed=7)
+    inputs, state = make_inputs(base, seq_len=9, seed=7)
 
     def run(spec, **extras):
         if impl == "exact":
-            return run_exact(spec, args, extras)
-        return run_chunked(spec, args, extras, 4)
+            return run_exact(spec, inputs.replace(extra=extras), state)
+        return run_chunked(spec, inputs.replace(extra=extras), state, 4)
 
     expected = run(base)
-    huge = jnp.full_like(args[3], 1e6)
+    huge = jnp.full_like(inputs.lr, 1e6)
     cases = [
         run(MemorySpec(rule="momentum", bias="lp", lp_p=2.0)),
         run(MemorySpec(rule="momentum", bias="huber"), huber_delta=huge),
     ]
-    if impl == "exact":  # the chunked form shares the gate handling (checked above)
-        gates = jnp.ones_like(huge)
-        cases.append(run(MemorySpec(rule="momentum", omega_window=1), omega_gate=gates))
     for actual in cases:
         assert max_relative_error(actual, expected) == 0.0
     if impl == "exact":  # ... and the choices do change things away from those cases.
@@ -284,11 +269,11 @@ def omega_gated_delta_rule_numpy(k, v, lr, log_decay, gate, window, initial):
 
 def test_omega_rule_matches_a_written_out_window():
     spec = MemorySpec(architecture="matrix", rule="gd", omega_window=3)
-    args, extras = make_inputs(spec, seq_len=10, seed=8)
-    q, k, v, lr, _, log_decay, state = args
-    output, final = run_exact(spec, (k, k, v, lr, None, log_decay, state), extras)
+    inputs, state = make_inputs(spec, seq_len=10, seed=8)
+    k, v, lr, log_decay = inputs.k, inputs.v, inputs.lr, inputs.log_decay
+    output, final = run_exact(spec, inputs.replace(q=k), state)
     expected_output, expected_state = omega_gated_delta_rule_numpy(
-        k, v, lr, log_decay, extras["omega_gate"], state.window, state.weights["W"]
+        k, v, lr, log_decay, inputs.extra["omega_gate"], state.window, state.weights["W"]
     )
     assert max_relative_error(output, expected_output) < F32_TOL
     assert max_relative_error(final.weights["W"], expected_state) < F32_TOL
@@ -317,27 +302,18 @@ def test_newton_schulz_matches_optim_and_kl_weights_are_distributions():
 @pytest.mark.parametrize("name", ["atlas", "yaad", "memora"])
 def test_step_by_step_decoding_and_read(name):
     spec = MODELS[name]
-    args, extras = make_inputs(spec, seq_len=6, seed=10)
-    q, k, v, lr, momentum, log_decay, state = args
+    inputs, state = make_inputs(spec, seq_len=6, seed=10)
     expected, expected_final = jax.jit(
-        lambda *a: neural_memory(
-            *a,
-            memory=spec,
-            initial_state=state,
-            output_final_state=True,
-            impl="reference",
-            **extras,
-        )  # fmt: skip
-    )(q, k, v, lr, momentum, log_decay)
-    at = lambda x, t: None if x is None else x[:, t]  # noqa: E731
+        lambda x: neural_memory(
+            x, memory=spec, initial_state=state, output_final_state=True, impl="reference"
+        )
+    )(inputs)
     jit_step = jax.jit(step, static_argnums=0)
     outputs = []
     for t in range(6):
-        output, state = jit_step(
-            spec, state, q[:, t], k[:, t], v[:, t], lr[:, t], at(momentum, t), log_decay[:, t],
-            huber_delta_t=at(extras["huber_delta"], t), omega_gate_t=at(extras["omega_gate"], t),
-        )  # fmt: skip
+        output, state = jit_step(spec, state, inputs.map(lambda name, x, t=t: x[:, t]))
         outputs.append(output)
+    q = inputs.q
     assert max_relative_error(jnp.stack(outputs, axis=1), expected) < F32_TOL
     assert max_relative_error(state, expected_final) < F32_TOL
     # o_T = M_T(q_T): reading the final state at the last query gives the last output.
@@ -361,32 +337,30 @@ def test_init_state_and_norms():
 
 def test_api_rejects_bad_input_naming_the_argument():
     spec = MODELS["yaad"]
-    args, extras = make_inputs(spec, seq_len=5, seed=11)
-    q, k, v, lr, momentum, log_decay, state = args
+    inputs, state = make_inputs(spec, seq_len=5, seed=11)
+    q, lr, delta = inputs.q, inputs.lr, inputs.extra["huber_delta"]
     omega = MemorySpec(omega_window=3, rule="gd")
 
-    def call(**changes):
-        arguments = dict(q=q, k=k, v=v, lr=lr, momentum=momentum, log_decay=log_decay)
-        arguments.update(memory=spec, initial_state=state, **extras)
-        return neural_memory(**{**arguments, **changes})
+    def call(extra=None, **changes):
+        arguments = {"memory": spec, "initial_state": state, **changes}
+        extra = inputs.extra if extra is None else extra
+        return neural_memory(inputs.replace(extra=extra), **arguments)
 
     for changes, named in (
-        (dict(huber_delta=None), "huber_delta"),
-        (dict(huber_delta=extras["huber_delta"][:, :3]), "huber_delta"),
+        (dict(extra={}), "huber_delta"),
+        (dict(extra={"huber_delta": delta[:, :3]}), "huber_delta"),
         (dict(memory=MemorySpec(bias="l2", rule="gd")), "huber_delta"),
-        (dict(omega_gate=lr[..., None]), "omega_gate"),
+        (dict(memory=omega, extra={"omega_gate": lr[..., None]}), "omega_gate"),
+        (dict(memory=MemorySpec(bias="huber", omega_window=1),
+              extra={"huber_delta": delta, "omega_gate": lr}), "omega_gate"),  # c = 1: no gate
         (dict(memory=MemorySpec(bias="huber", rule="gd", omega_window=2)), "window"),
-        (
-            dict(
-                memory=omega, huber_delta=None, initial_state=state._replace(window={"k": q[:, 0]})
-            ),
-            "window",
-        ),  # fmt: skip
-    ):
+        (dict(memory=omega, extra={}, initial_state=state._replace(window={"k": q[:, 0]})),
+         "window"),
+    ):  # fmt: skip
         with pytest.raises(ValueError, match=named):
             call(**changes)
     with pytest.raises(ValueError, match="huber_delta"):
-        step(spec, state, q[:, 0], k[:, 0], v[:, 0], lr[:, 0], None, log_decay[:, 0])
+        step(spec, state, inputs.replace(extra={}).map(lambda name, x: x[:, 0]))
     for field, value in (("lp_p", 0.5), ("lq_q", 1.0), ("omega_window", 0),
                          ("ns_coefficients", (1.0, 2.0)), ("kl_scale", 0.0)):  # fmt: skip
         with pytest.raises(ValueError, match=field):
@@ -422,7 +396,7 @@ def test_long_sequence_stays_finite_and_bounded(name):
     normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     shape = (1, 4096, HEADS)
-    inputs = {
+    named = {
         "q": unit(normal(*shape, DIM)),
         "k": unit(normal(*shape, DIM)),
         "v": normal(*shape, DIM),
@@ -437,11 +411,11 @@ def test_long_sequence_stays_finite_and_bounded(name):
     scale = INIT_SCALES[spec.retention]
     initial = {n: scale(s) * normal(HEADS, *s) for n, s in spec.weight_shapes(DIM, DIM).items()}
     state = init_state(spec, initial, 1)
-    run = jax.jit(lambda x: neural_memory(**x, memory=spec, initial_state=state, chunk_size=16,
+    inputs = from_named({name: x for name, x in named.items() if x is not None})
+    run = jax.jit(lambda x: neural_memory(x, memory=spec, initial_state=state, chunk_size=16,
                                           output_final_state=True))  # fmt: skip
     for dtype in (jnp.float32, jnp.bfloat16):
-        cast = {n: None if x is None else x.astype(dtype) for n, x in inputs.items()}
-        output, final = run(cast)
+        output, final = run(inputs.map(lambda name, x, dtype=dtype: x.astype(dtype)))
         output = np.asarray(output, np.float32)
         assert np.all(np.isfinite(output)), dtype
         assert np.max(np.linalg.norm(output, axis=-1)) < 1.0 + np.sqrt(DIM) + 1e-2

@@ -9,15 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.neural_memory import api, kernel_api
+from pallas_kernels.neural_memory import MemoryInputs, api, kernel_api
 from tests.pallas_kernels.test_neural_memory_kernels import F32_TOL, TITANS, make_inputs
 
 
-def call(inputs, spec=TITANS, **kwargs):
-    q, k, v, lr, eta, g, state = inputs
+def call(inputs, spec=TITANS, extra=None, **kwargs):
+    record = MemoryInputs(*inputs[:6], extra=extra or {})
     return api.neural_memory(
-        q, k, v, lr, eta, g, memory=spec, initial_state=state, chunk_size=16,
-        output_final_state=True, **kwargs,
+        record, memory=spec, initial_state=inputs[6], chunk_size=16, output_final_state=True,
+        **kwargs,
     )  # fmt: skip
 
 
@@ -37,11 +37,14 @@ def test_forced_kernel_refuses_other_choices_and_inputs():
         gd = dataclasses.replace(TITANS, rule="gd")
         q, k, v, lr, _, g, state = inputs
         api.neural_memory(
-            q, k, v, lr, None, g, memory=gd, impl="pallas_gpu", interpret=True,
+            MemoryInputs(q, k, v, lr, None, g), memory=gd, impl="pallas_gpu", interpret=True,
             initial_state=api.init_state(gd, {n: w[0] for n, w in state.weights.items()}, 1),
         )  # fmt: skip
-    with pytest.raises(ValueError, match="kernels take no huber_delta / omega_gate"):
-        call(inputs, impl="pallas_tpu", interpret=True, omega_gate=jnp.ones_like(inputs[3]))
+    omega = dataclasses.replace(TITANS, omega_window=2)
+    state = api.init_state(omega, {n: w[0] for n, w in inputs[6].weights.items()}, 1)
+    with pytest.raises(ValueError, match="tpu kernel does not take MemorySpec.omega_window"):
+        call(inputs[:6] + (state,), spec=omega, impl="pallas_tpu", interpret=True,
+             extra={"omega_gate": jnp.ones_like(inputs[3])})  # fmt: skip
     with pytest.raises(ValueError, match="impl='pallas' on backend 'cpu'"):
         call(inputs, impl="pallas")
 
@@ -57,6 +60,11 @@ def test_auto_runs_a_kernel_only_where_covered(monkeypatch, backend, extra, runs
     calls = []
     monkeypatch.setattr(kernel_api, "run_kernel", lambda *a, **kw: calls.append(kw) or (0, 0))
     inputs = make_inputs(0, batch=1, length=8, heads=1, dim=16)
-    kwargs = {"omega_gate": jnp.ones_like(inputs[3])} if extra else {}
-    call(inputs, impl="auto", **kwargs)
+    if extra:
+        omega = dataclasses.replace(TITANS, omega_window=2)
+        state = api.init_state(omega, {n: w[0] for n, w in inputs[6].weights.items()}, 1)
+        call(inputs[:6] + (state,), spec=omega, impl="auto",
+             extra={"omega_gate": jnp.ones_like(inputs[3])})  # fmt: skip
+    else:
+        call(inputs, impl="auto")
     assert [c["platform"] for c in calls] == (["gpu"] if runs_kernel else [])

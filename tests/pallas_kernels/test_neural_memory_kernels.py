@@ -23,6 +23,7 @@ import pytest
 
 from pallas_kernels.neural_memory import chunked, kernel_api, kernel_common, kernel_math
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState
+from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
 
 # Tolerances, fixed once: max |actual - expected| <= TOL * max(1, max |expected|), per array.
 # float32: kernel and chunked form differ by summation order, the products-of-factors
@@ -65,17 +66,18 @@ def make_inputs(seed, batch, length, heads, dim, spec=TITANS, strong_decay=False
 
 
 def chunked_fn(spec, chunk_size):
-    def run(*inputs):
-        return chunked.chunked_scan(spec, *inputs, chunk_size=chunk_size)
+    def run(*inputs):  # (q, k, v, lr, eta, g, state), the kernels' own layout
+        return chunked.chunked_scan(spec, MemoryInputs(*inputs[:6]), inputs[6], chunk_size)
 
     return run
 
 
-def kernel_fn(spec, chunk_size, platform):
+def kernel_fn(spec, chunk_size, platform, interpret=True):
     def run(*inputs):
         return kernel_api.run_kernel(
-            spec, *inputs, chunk_size=chunk_size, platform=platform, interpret=True
-        )
+            spec, MemoryInputs(*inputs[:6]), inputs[6], chunk_size=chunk_size,
+            platform=platform, interpret=interpret,
+        )  # fmt: skip
 
     return run
 
@@ -245,9 +247,7 @@ def test_kernels_lower_for_their_platform(platform, dim, dtype):
     CPU machine, with a partial final chunk (T = 100, chunk 16)."""
 
     def loss(*inputs):
-        o, state = kernel_api.run_kernel(
-            TITANS, *inputs, chunk_size=16, platform=platform, interpret=False
-        )
+        o, state = kernel_fn(TITANS, 16, platform, interpret=False)(*inputs)
         return jnp.sum(o.astype(jnp.float32)) + sum(jnp.sum(x) for x in jax.tree.leaves(state))
 
     export_platform = "tpu" if platform == "tpu" else "cuda"
@@ -290,10 +290,7 @@ def test_backward_chunk_math_has_no_transposes_and_full_precision_dots():
 def test_tpu_kernel_lowers_under_vmap():
     """Mosaic lowering of the vmapped kernel (vmap adds a grid axis)."""
 
-    def run(*inputs):
-        return kernel_api.run_kernel(
-            TITANS, *inputs, chunk_size=16, platform="tpu", interpret=False
-        )
+    run = kernel_fn(TITANS, 16, "tpu", interpret=False)
 
     stacked = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((3, *x.shape), x.dtype), _export_args(128, jnp.float32)

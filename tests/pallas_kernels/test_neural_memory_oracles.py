@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.neural_memory import MemorySpec, NeuralMemoryState, chunked, reference
+from pallas_kernels.neural_memory.memory_inputs import from_named
 from tests.pallas_kernels.test_neural_memory import F64_TOL, max_relative_error
 
 BATCH, HEADS, SEQ_LEN = 1, 2, 3
@@ -59,14 +60,13 @@ def make_inputs(seed, key_dim, value_dim):
 def run_package(spec, inputs, weights, momentum, impl):
     """The package on float64 inputs: (o [B, T, H, Dv], final weights, final momentum)."""
     with jax.enable_x64(True):
-        names = ("q", "k", "v", "lr", "momentum", "log_decay")
-        args = [None if inputs[n] is None else jnp.asarray(inputs[n]) for n in names]
+        record = from_named({n: jnp.asarray(x) for n, x in inputs.items() if x is not None})
         as_jax = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
         state = NeuralMemoryState(as_jax(weights), as_jax(momentum))
         if impl == "reference":
-            output, final = reference.exact_scan(spec, *args, state)
+            output, final = reference.exact_scan(spec, record, state)
         else:
-            output, final = chunked.chunked_scan(spec, *args, state, chunk_size_of(impl))
+            output, final = chunked.chunked_scan(spec, record, state, chunk_size_of(impl))
         assert output.dtype == jnp.float64
         return jax.tree.map(np.asarray, (output, final.weights, final.momentum))
 
