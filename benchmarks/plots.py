@@ -137,34 +137,46 @@ def plot_model_comparison(payload: dict, path: pathlib.Path) -> pathlib.Path:
 
 
 def plot_recall_curves(payload: dict, path: pathlib.Path) -> pathlib.Path:
-    """Recall vs step, one panel per task size, the runs at each kind's shipped recipe
-    (`configs.mqar.recipe`): one line per (kind, seed), a colour per kind."""
+    """Recall vs step, one panel per task size: on the shipped task the runs at each kind's
+    shipped recipe (`configs.mqar.recipe`), one line per (kind, seed), a colour per kind; on
+    the larger tasks, which ship no recipe, every run, a colour per (kind, lr)."""
     from configs import mqar
+
+    config = mqar.get_config()
+    shipped_task = (config.data.mqar.num_kv_pairs, config.data.seq_len)
+
+    def on_shipped_task(row):
+        return (row["num_kv_pairs"], row["seq_len"]) == shipped_task
 
     def shipped(row):
         recipe = mqar.recipe(row["kind"])
-        return row["lr"] == recipe["learning_rate"] and row["batch_size"] == recipe["batch_size"]
+        wanted = (recipe["learning_rate"], recipe["batch_size"])
+        return (row["lr"], row["batch_size"]) == wanted or not on_shipped_task(row)
+
+    def series(row):
+        return row["kind"] if on_shipped_task(row) else f"{row['kind']} lr {row['lr']:g}"
 
     rows = [r for r in payload["rows"] if r.get("curve") and shipped(r)]
     tasks = sorted({(r["num_kv_pairs"], r["seq_len"]) for r in rows})
     figure, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 4.8))
     axes = [axes] if len(tasks) <= 1 else list(axes)
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    kinds = list(dict.fromkeys(series(r) for r in rows))
     colours = plt.get_cmap("tab20")
     for axis, task in zip(axes, tasks):
         labelled = set()
         for row in (r for r in rows if (r["num_kv_pairs"], r["seq_len"]) == task):
             steps = sorted(row["curve"], key=int)
             values = [100 * row["curve"][step] for step in steps]
-            colour = colours(kinds.index(row["kind"]) % 20)
-            label = None if row["kind"] in labelled else row["kind"]
-            labelled.add(row["kind"])
+            name = series(row)
+            colour = colours(kinds.index(name) % 20)
+            label = None if name in labelled else name
+            labelled.add(name)
             axis.plot([int(s) for s in steps], values, marker=".", color=colour, label=label)
         axis.set(xlabel="training step", ylabel="eval recall (%)", ylim=(0, 101))
         axis.set_title(f"MQAR, {task[0]} pairs, T {task[1]}", fontsize=10)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7, ncol=2, loc="lower right")
-    figure.suptitle("MQAR recall through train.py at each kind's shipped recipe, all seeds")
+    figure.suptitle("MQAR recall through train.py (8 pairs: each kind's shipped recipe), all seeds")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
