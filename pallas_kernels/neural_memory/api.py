@@ -108,10 +108,8 @@ def neural_memory(
     platform, interpret = kernel_platform(
         impl, interpret, *kernel_api.kernel_checks(memory, inputs.q, inputs.k, inputs.v, chunk_size)
     )
-    if platform is not None and inputs.extra:
-        if impl != "auto":  # the kernels implement no declared input
-            raise ValueError(f"impl={impl!r}: the kernels take no {sorted(inputs.extra)} input")
-        platform = None
+    # No extra input reaches a kernel: every spec that declares one (check_extras) has a
+    # bias or omega_window the kernels reject (`kernel_api.kernel_rejects`).
     if platform is not None:
         output, final_state = kernel_api.run_kernel(
             memory, inputs, initial_state, chunk_size=chunk_size, platform=platform,

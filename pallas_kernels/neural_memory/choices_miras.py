@@ -178,6 +178,16 @@ def muon_update(momentum, grads, lr, eta, *, steps, coefficients):
 OMEGA_GATE = TokenInput("omega_gate", pad=0.0, empty=0.0, required=False)
 
 
+def window_tokens(spec, inputs):
+    """What the Omega window keeps of each token (a `MemoryInputs`, any layout): its key,
+    value, gate (ones when the omega_gate input is absent) and the inputs the bias declares."""
+    gate = inputs.extra.get("omega_gate")
+    gate = jnp.ones_like(inputs.lr) if gate is None else gate
+    tokens = {"k": inputs.k, "v": inputs.v, "gate": gate}
+    tokens.update({item.name: inputs.extra[item.name] for item in spec.attentional_bias.inputs})
+    return tokens
+
+
 def empty_window(spec, batch, heads, key_dim, value_dim, dtype=jnp.float32):
     """The Omega window before the first token: c-1 zero tokens with gate 0 (they add
     nothing), and the bias's inputs at their `TokenInput.empty` values (Huber's threshold

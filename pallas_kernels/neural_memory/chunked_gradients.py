@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.neural_memory.choices_miras import window_tokens
+
 
 class WindowEntries(NamedTuple):
     """The chunk's (token, window slot) entries: keys [B, H, b*c, Dk], values [B, H, b*c, Dv],
@@ -37,9 +39,7 @@ def window_entries(spec, window, chunk, last) -> WindowEntries:
     if size == 1:
         bias_inputs = {name: chunk.extra[name] for name in bias_names}
         return WindowEntries(chunk.k, chunk.v, bias_inputs, chunk.extra.get("omega_gate"), None)
-    gate = chunk.extra.get("omega_gate")
-    tokens = {"k": chunk.k, "v": chunk.v, "gate": jnp.ones_like(chunk.lr) if gate is None else gate}
-    tokens.update({name: chunk.extra[name] for name in bias_names})
+    tokens = window_tokens(spec, chunk)
     # [c-1 carried tokens; b chunk tokens] along the token axis.
     joined = {name: jnp.concatenate([window[name], tokens[name]], axis=2) for name in window}
     chunk_size = chunk.k.shape[2]

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
+from pallas_kernels.neural_memory.choices_miras import window_tokens
 from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
 
 
@@ -77,10 +78,9 @@ def omega_window_tokens(spec, window, token: MemoryInputs):
         bias_inputs = {name: token.extra[name][..., None] for name in bias_names}
         gates = None if gate is None else gate[..., None]
         return (token.k[..., None, :], token.v[..., None, :], bias_inputs, gates), None
-    current = {"k": token.k[..., None, :], "v": token.v[..., None, :]}
-    current["gate"] = (jnp.ones_like(token.k[..., 0]) if gate is None else gate)[..., None]
-    current.update({name: token.extra[name][..., None] for name in bias_names})
     axis = {"k": -2, "v": -2}  # per-token scalars: the last axis
+    tokens = window_tokens(spec, token)
+    current = {name: jnp.expand_dims(x, axis.get(name, -1)) for name, x in tokens.items()}
     full = {
         name: jnp.concatenate([window[name], current[name]], axis.get(name, -1)) for name in window
     }
