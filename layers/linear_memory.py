@@ -24,7 +24,9 @@ Decoding: `init_cache` gives the matrix state and the conv states (last K-1 pre-
 inputs of q, k, v); `extend` continues a cached sequence by T tokens.
 """
 
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,65 +73,96 @@ def state_norm(state: jax.Array) -> jax.Array:
     return jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1))))
 
 
-class LinearMemory(nnx.Module):
-    """Matrix-memory mixer (see the module docstring). x [B, T, D] -> y [B, T, D].
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MatrixMemoryOptions:
+    """The options of a matrix-memory mixer: `LinearMemory`'s keyword arguments, and those
+    of every memory in `MixtureOfMemories`.
 
-    Matmuls run in `dtype` (parameters float32); norms, gates and the recurrence's state
-    are float32. `conv_size=0` disables the short convolutions (SiLU is kept).
+    rule:          the recurrence, one of RULES.
+    num_heads:     heads; head_dim is each head's key width, head_dim * expand_v its value width.
+    conv_size:     short-convolution taps on q, k, v (0 disables them; SiLU is kept).
+    chunk_size, impl: the recurrence's chunk length and implementation.
+    norm_eps:      the output RMSNorm's epsilon.
+    init_std:      std of the projections into the heads; out_init_std of the output one.
+    dtype:         matmul dtype (parameters, norms, gates and the state stay float32).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        *,
-        rule: str,
-        num_heads: int,
-        head_dim: int,
-        expand_v: int = 1,
-        conv_size: int = 4,
-        chunk_size: int = 64,
-        impl: str = "auto",
-        norm_eps: float = 1e-6,
-        init_std: float = 0.02,
-        out_init_std: float = 0.02,
-        dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        if rule not in RULES:
-            raise ValueError(f"rule={rule!r} is not one of {RULES}")
-        self.rule = rule
-        self.num_heads, self.key_dim, self.value_dim = num_heads, head_dim, head_dim * expand_v
-        self.conv_size, self.chunk_size, self.impl = conv_size, chunk_size, impl
-        self.dtype = dtype
+    rule: str
+    num_heads: int
+    head_dim: int
+    expand_v: int = 1
+    conv_size: int = 4
+    chunk_size: int = 64
+    impl: str = "auto"
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"rule={self.rule!r} is not one of {RULES}")
+
+
+class MatrixMemoryMixer(nnx.Module):
+    """What the matrix-memory mixers share: their options as attributes, and the gated
+    output that reads their memories."""
+
+    def _set_options(self, options: MatrixMemoryOptions):
+        self.rule = options.rule
+        self.num_heads, self.key_dim = options.num_heads, options.head_dim
+        self.value_dim = options.head_dim * options.expand_v
+        self.conv_size, self.chunk_size, self.impl = (
+            options.conv_size,
+            options.chunk_size,
+            options.impl,
+        )
+        self.dtype = options.dtype
+
+    def _gated_output(self, d_model, options: MatrixMemoryOptions, rngs) -> GatedOutput:
+        return GatedOutput(
+            d_model,
+            options.num_heads,
+            self.value_dim,
+            eps=options.norm_eps,
+            init_std=options.init_std,
+            out_init_std=options.out_init_std,
+            dtype=options.dtype,
+            rngs=rngs,
+        )
+
+
+class LinearMemory(MatrixMemoryMixer):
+    """Matrix-memory mixer (see the module docstring). x [B, T, D] -> y [B, T, D].
+
+    `options` are the fields of `MatrixMemoryOptions` (rule, num_heads and head_dim are
+    required).
+    """
+
+    def __init__(self, d_model: int, *, rngs: nnx.Rngs, **options):
+        options = MatrixMemoryOptions(**options)
+        self._set_options(options)
 
         def linear(features_out, axes):
             return projection(
-                d_model, features_out, std=init_std, axes=axes, dtype=dtype, rngs=rngs
+                d_model, features_out, std=options.init_std, axes=axes, dtype=self.dtype, rngs=rngs
             )
 
+        num_heads = self.num_heads
         key_width, value_width = num_heads * self.key_dim, num_heads * self.value_dim
         self.query = linear(key_width, ("embed", "qkv"))
         self.key = linear(key_width, ("embed", "qkv"))
         self.value = linear(value_width, ("embed", "qkv"))
-        if conv_size > 0:
-            self.query_conv = ShortConv(key_width, conv_size, rngs=rngs)
-            self.key_conv = ShortConv(key_width, conv_size, rngs=rngs)
-            self.value_conv = ShortConv(value_width, conv_size, rngs=rngs)
-        if rule in DELTA_RULES:
+        if self.conv_size > 0:
+            self.query_conv = ShortConv(key_width, self.conv_size, rngs=rngs)
+            self.key_conv = ShortConv(key_width, self.conv_size, rngs=rngs)
+            self.value_conv = ShortConv(value_width, self.conv_size, rngs=rngs)
+        if self.rule in DELTA_RULES:
             self.beta = linear(num_heads, ("embed", "heads"))
-        if rule in DECAY_RULES:
+        if self.rule in DECAY_RULES:
             self.decay = linear(num_heads, ("embed", "heads"))
             self.a_log, self.dt_bias = decay_parameters(num_heads, rngs)
-        self.output = GatedOutput(
-            d_model,
-            num_heads,
-            self.value_dim,
-            eps=norm_eps,
-            init_std=init_std,
-            out_init_std=out_init_std,
-            dtype=dtype,
-            rngs=rngs,
-        )
+        self.output = self._gated_output(d_model, options, rngs)
 
     def _conv(self, name, projected, cache, new_cache, segment_ids):
         """SiLU(ShortConv(projected)) with the cached conv state `name` (if caching)."""

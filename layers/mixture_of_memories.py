@@ -36,11 +36,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.gated_output import GatedOutput
 from layers.linear_memory import (
     DECAY_RULES,
     DELTA_RULES,
-    RULES,
+    MatrixMemoryMixer,
+    MatrixMemoryOptions,
     decay_parameters,
     log_decay,
     state_norm,
@@ -74,11 +74,13 @@ def load_balance_loss(probabilities: jax.Array, chosen: jax.Array, top_k: int):
     return num_memories * jnp.sum(load_fraction * mean_probability), load_fraction
 
 
-class MixtureOfMemories(nnx.Module):
+class MixtureOfMemories(MatrixMemoryMixer):
     """MoM mixer (see the module docstring). x [B, T, D] -> (y [B, T, D], aux).
 
     Memory index m < num_memories is a routed memory; index num_memories (when
     `shared_memory`) is the shared one. Stacked weights carry a leading "experts" axis.
+    `options` are every memory's, the fields of `MatrixMemoryOptions` (num_heads and
+    head_dim required; rule defaults to "gated_deltanet").
     """
 
     def __init__(
@@ -89,29 +91,17 @@ class MixtureOfMemories(nnx.Module):
         top_k: int = 2,
         shared_memory: bool = True,
         aux_loss_coef: float = 0.01,
-        rule: str = "gated_deltanet",
-        num_heads: int,
-        head_dim: int,
-        expand_v: int = 1,
-        conv_size: int = 4,
-        chunk_size: int = 64,
-        impl: str = "auto",
-        norm_eps: float = 1e-6,
-        init_std: float = 0.02,
-        out_init_std: float = 0.02,
-        dtype=jnp.float32,
         rngs: nnx.Rngs,
+        **options,
     ):
-        if rule not in RULES:
-            raise ValueError(f"rule={rule!r} is not one of {RULES}")
+        options = MatrixMemoryOptions(**{"rule": "gated_deltanet", **options})
         if not 1 <= top_k <= num_memories:
             raise ValueError(f"top_k={top_k} must be in [1, num_memories={num_memories}]")
-        self.rule, self.num_memories, self.top_k = rule, num_memories, top_k
+        self._set_options(options)
+        self.num_memories, self.top_k = num_memories, top_k
         self.shared_memory, self.aux_loss_coef = shared_memory, aux_loss_coef
-        self.num_heads, self.key_dim, self.value_dim = num_heads, head_dim, head_dim * expand_v
-        self.conv_size, self.chunk_size, self.impl = conv_size, chunk_size, impl
-        self.dtype = dtype
         self.total_memories = num_memories + int(shared_memory)
+        num_heads, conv_size, init_std = self.num_heads, self.conv_size, options.init_std
         key_width, value_width = num_heads * self.key_dim, num_heads * self.value_dim
 
         normal = nnx.initializers.normal(init_std)
@@ -123,7 +113,7 @@ class MixtureOfMemories(nnx.Module):
             )
 
         self.query = projection(
-            d_model, key_width, std=init_std, axes=("embed", "qkv"), dtype=dtype, rngs=rngs
+            d_model, key_width, std=init_std, axes=("embed", "qkv"), dtype=self.dtype, rngs=rngs
         )
         self.router = projection(
             d_model, num_memories, std=init_std, axes=("embed", "experts"), rngs=rngs
@@ -136,22 +126,13 @@ class MixtureOfMemories(nnx.Module):
             self.value_conv_kernel = stacked(
                 conv_kernel_init, (conv_size, value_width), "conv", "qkv"
             )
-        if rule in DELTA_RULES:
+        if self.rule in DELTA_RULES:
             self.beta_kernel = stacked(normal, (d_model, num_heads), "embed", "heads")
-        if rule in DECAY_RULES:
+        if self.rule in DECAY_RULES:
             self.decay_kernel = stacked(normal, (d_model, num_heads), "embed", "heads")
             # One decay rate per head, shared by the memories (as in the MoM code).
             self.a_log, self.dt_bias = decay_parameters(num_heads, rngs)
-        self.output = GatedOutput(
-            d_model,
-            num_heads,
-            self.value_dim,
-            eps=norm_eps,
-            init_std=init_std,
-            out_init_std=out_init_std,
-            dtype=dtype,
-            rngs=rngs,
-        )
+        self.output = self._gated_output(d_model, options, rngs)
 
     def route(self, x):
         """x [B, T, D] -> (probabilities, weights, chosen), each [B, T, num_memories]."""
@@ -175,6 +156,16 @@ class MixtureOfMemories(nnx.Module):
             projected, kernel[...], routed, conv_state
         )
         return jax.nn.silu(y), new_state.astype(jnp.float32)
+
+    def _routed_features(self, name, x, routed, conv_state, segment_ids, new_cache):
+        """Every memory's keys or values (`name`) [B, T, M, C], convolved over its routed
+        tokens; the new conv state goes to new_cache["conv_<name>"]."""
+        conv_kernel = getattr(self, f"{name}_conv_kernel") if self.conv_size else None
+        projected = self._per_memory(x, getattr(self, f"{name}_kernel"))
+        y, new_cache[f"conv_{name}"] = self._memory_conv(
+            projected, conv_kernel, routed, conv_state, segment_ids
+        )
+        return y
 
     def _zero_conv_states(self, batch_size):
         taps = self.conv_size - 1
@@ -242,19 +233,9 @@ class MixtureOfMemories(nnx.Module):
                 if cache is None
                 else (cache["conv_key"], cache["conv_value"])
             )
-        k, new_cache["conv_key"] = self._memory_conv(
-            self._per_memory(x, self.key_kernel),
-            self.key_conv_kernel if self.conv_size else None,
-            routed,
-            key_state,
-            segment_ids,
-        )
-        v, new_cache["conv_value"] = self._memory_conv(
-            self._per_memory(x, self.value_kernel),
-            self.value_conv_kernel if self.conv_size else None,
-            routed,
-            value_state,
-            segment_ids,
+        k, v = (
+            self._routed_features(name, x, routed, conv_state, segment_ids, new_cache)
+            for name, conv_state in (("key", key_state), ("value", value_state))
         )
         k = l2_normalize(k.reshape(batch, length, memories, heads, self.key_dim))
         v = v.reshape(batch, length, memories, heads, self.value_dim)

@@ -17,19 +17,19 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.linear_memory import kernel_common, kernel_math
 from pallas_kernels.pallas_blocks import (
-    PRECISION,
+    float32_tokens,
     gpu_chunk_scalars,
     gpu_compiler_params,
+    gpu_grid,
     gpu_per_program,
 )
 
 
 def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states=False):
     """Kernel layout in (see kernel_common); returns (o, final state, chunk states | None)."""
-    batch_size, num_heads, length, key_dim = q.shape
-    value_dim = v.shape[-1]
-    chunk = config.chunk_size
-    num_chunks = length // chunk
+    key_dim, value_dim, chunk = q.shape[-1], v.shape[-1], config.chunk_size
+    grid, length, num_chunks = gpu_grid(q, chunk)
+    token_specs = [gpu_per_program((length, width)) for width in (key_dim, key_dim, value_dim)]
 
     def kernel(q_ref, k_ref, v_ref, decay_ref, resets_ref, beta_ref, initial_ref, *outs):
         o_ref, final_ref = outs[:2]
@@ -39,15 +39,10 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
             if save_states:
                 outs[2][n] = state
             o, next_state = kernel_math.chunk_forward(
-                q_ref[rows, :].astype(jnp.float32),
-                k_ref[rows, :].astype(jnp.float32),
-                v_ref[rows, :].astype(jnp.float32),
+                *float32_tokens((q_ref, k_ref, v_ref), rows),
                 state,
                 gpu_chunk_scalars((decay_ref, resets_ref, beta_ref), rows),
-                scale=config.scale,
-                has_decay=config.has_decay,
-                has_delta=config.has_delta,
-                precision=PRECISION,
+                **kernel_common.static_options(config),
             )
             o_ref[rows, :] = o.astype(o_ref.dtype)
             return next_state
@@ -61,18 +56,14 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
     out_specs = [gpu_per_program((length, value_dim)), gpu_per_program((key_dim, value_dim))]
     if save_states:
         states_shape = (num_chunks, key_dim, value_dim)
-        out_shape.append(jax.ShapeDtypeStruct((batch_size, num_heads, *states_shape), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((*grid, *states_shape), jnp.float32))
         out_specs.append(gpu_per_program(states_shape))
     flops, transcendentals, io_bytes = kernel_common.cost_estimate(config, q, v, backward=False)
     outputs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch_size, num_heads),
-        in_specs=[
-            gpu_per_program((length, key_dim)),
-            gpu_per_program((length, key_dim)),
-            gpu_per_program((length, value_dim)),
-        ]
+        grid=grid,
+        in_specs=token_specs
         + [gpu_per_program((length,))] * 3
         + [gpu_per_program((key_dim, value_dim))],
         out_specs=out_specs,
@@ -88,10 +79,9 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
 
 def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_final_state):
     """Reverse chunk loop; returns (dq, dk, dv, dg, dβ, dS_0), all float32."""
-    batch_size, num_heads, length, key_dim = q.shape
-    value_dim = v.shape[-1]
-    chunk = config.chunk_size
-    num_chunks = length // chunk
+    key_dim, value_dim, chunk = q.shape[-1], v.shape[-1], config.chunk_size
+    grid, length, num_chunks = gpu_grid(q, chunk)
+    token_specs = [gpu_per_program((length, width)) for width in (key_dim, key_dim, value_dim)]
 
     def kernel(q_ref, k_ref, v_ref, decay_ref, resets_ref, beta_ref, states_ref, *refs):
         d_o_ref, d_final_ref, dq_ref, dk_ref, dv_ref, d_decay_ref, d_beta_ref = refs[:7]
@@ -101,17 +91,12 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
             n = num_chunks - 1 - step
             rows = pl.ds(n * chunk, chunk)
             dq, dk, dv, d_decay_col, d_decay_row, d_beta, d_state = kernel_math.chunk_backward(
-                q_ref[rows, :].astype(jnp.float32),
-                k_ref[rows, :].astype(jnp.float32),
-                v_ref[rows, :].astype(jnp.float32),
+                *float32_tokens((q_ref, k_ref, v_ref), rows),
                 states_ref[n],
                 d_o_ref[rows, :].astype(jnp.float32),
                 d_state,
                 gpu_chunk_scalars((decay_ref, resets_ref, beta_ref), rows),
-                scale=config.scale,
-                has_decay=config.has_decay,
-                has_delta=config.has_delta,
-                precision=PRECISION,
+                **kernel_common.static_options(config),
             )
             dq_ref[rows, :], dk_ref[rows, :], dv_ref[rows, :] = dq, dk, dv
             d_decay_ref[rows] = d_decay_col.reshape(chunk) + d_decay_row.reshape(chunk)
@@ -121,7 +106,7 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
         d_initial_ref[...] = jax.lax.fori_loop(0, num_chunks, chunk_step, d_final_ref[...])
 
     f32 = jnp.float32
-    token_block = gpu_per_program((length,))
+    scalar_block = gpu_per_program((length,))
     flops, transcendentals, io_bytes = kernel_common.cost_estimate(config, q, v, backward=True)
     dq, dk, dv, d_decay, d_beta, d_initial = pl.pallas_call(
         kernel,
@@ -133,26 +118,15 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
             jax.ShapeDtypeStruct(beta.shape, f32),
             jax.ShapeDtypeStruct(d_final_state.shape, f32),
         ],
-        grid=(batch_size, num_heads),
-        in_specs=[
-            gpu_per_program((length, key_dim)),
-            gpu_per_program((length, key_dim)),
-            gpu_per_program((length, value_dim)),
-            token_block,
-            token_block,
-            token_block,
+        grid=grid,
+        in_specs=token_specs
+        + [scalar_block] * 3
+        + [
             gpu_per_program((num_chunks, key_dim, value_dim)),
             gpu_per_program((length, value_dim)),
             gpu_per_program((key_dim, value_dim)),
         ],
-        out_specs=[
-            gpu_per_program((length, key_dim)),
-            gpu_per_program((length, key_dim)),
-            gpu_per_program((length, value_dim)),
-            token_block,
-            token_block,
-            gpu_per_program((key_dim, value_dim)),
-        ],
+        out_specs=token_specs + [scalar_block] * 2 + [gpu_per_program((key_dim, value_dim))],
         compiler_params=gpu_compiler_params(config),
         cost_estimate=pl.CostEstimate(
             flops=flops, transcendentals=transcendentals, bytes_accessed=io_bytes

@@ -23,19 +23,17 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.linear_memory.reference import segment_resets
+from pallas_kernels.pallas_blocks import PRECISION, LaunchOptions
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfig(LaunchOptions):
     """Static description of one kernel call (hashable: it is a custom_vjp static arg)."""
 
     scale: float
     has_decay: bool
     has_delta: bool
     chunk_size: int
-    num_warps: int | None = None
-    num_stages: int | None = None
-    interpret: bool = False
 
 
 def _to_kernel_layout(x, padded_length):
@@ -114,6 +112,16 @@ def make_recurrence(forward, backward):
         return jnp.moveaxis(o, 1, 2)[:, :length], final_state
 
     return recurrence
+
+
+def static_options(config):
+    """The static keyword arguments of `kernel_math.chunk_forward` (and its backward)."""
+    return dict(
+        scale=config.scale,
+        has_decay=config.has_decay,
+        has_delta=config.has_delta,
+        precision=PRECISION,
+    )
 
 
 def cost_estimate(config, q, v, *, backward):

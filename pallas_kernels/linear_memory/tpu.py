@@ -21,10 +21,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.linear_memory import kernel_common, kernel_math
 from pallas_kernels.pallas_blocks import (
-    PRECISION,
+    float32_tokens,
     tpu_compiler_params,
-    tpu_scalar_layouts,
-    tpu_specs,
+    tpu_grid,
+    tpu_scalar_gradient,
 )
 
 
@@ -42,15 +42,9 @@ def _interpret(config):
 
 def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states=False):
     """Kernel layout in (see kernel_common); returns (o, final state, chunk states | None)."""
-    batch_size, num_heads, length, key_dim = q.shape
-    value_dim = v.shape[-1]
-    num_chunks = length // config.chunk_size
-    token_block, row_block, state_block, whole_state = tpu_specs(
-        config.chunk_size, (key_dim, value_dim), False
-    )
-    scalar_inputs = []
-    for x in (log_decay, resets, beta):
-        scalar_inputs += tpu_scalar_layouts(x, config.chunk_size)
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    scalars = (log_decay, resets, beta)
+    grid = tpu_grid(q, scalars, config.chunk_size, (key_dim, value_dim), reverse=False)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         scalar_refs, (initial_ref, o_ref, final_ref), rest = refs[:6], refs[6:9], refs[9:]
@@ -66,15 +60,10 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
         if save_states:
             states_ref[...] = state
         o, next_state = kernel_math.chunk_forward(
-            q_ref[...].astype(jnp.float32),
-            k_ref[...].astype(jnp.float32),
-            v_ref[...].astype(jnp.float32),
+            *float32_tokens((q_ref, k_ref, v_ref)),
             state,
             _load_scalars(scalar_refs),
-            scale=config.scale,
-            has_decay=config.has_decay,
-            has_delta=config.has_delta,
-            precision=PRECISION,
+            **kernel_common.static_options(config),
         )
         o_ref[...] = o.astype(o_ref.dtype)
         state_scratch[...] = next_state
@@ -87,19 +76,18 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         jax.ShapeDtypeStruct(initial_state.shape, jnp.float32),
     ]
-    out_specs = [token_block(value_dim), whole_state]
+    out_specs = [grid.token_block(value_dim), grid.whole_state]
     if save_states:
-        states_shape = (batch_size, num_heads, num_chunks, key_dim, value_dim)
+        states_shape = (*grid.shape, key_dim, value_dim)
         out_shape.append(jax.ShapeDtypeStruct(states_shape, jnp.float32))
-        out_specs.append(state_block)
+        out_specs.append(grid.chunk_state)
     flops, transcendentals, io_bytes = kernel_common.cost_estimate(config, q, v, backward=False)
+    token_specs = grid.token_specs(key_dim, key_dim, value_dim)
     outputs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch_size, num_heads, num_chunks),
-        in_specs=[token_block(key_dim), token_block(key_dim), token_block(value_dim)]
-        + [token_block(1), row_block] * 3
-        + [whole_state],
+        grid=grid.shape,
+        in_specs=token_specs + grid.scalar_specs + [grid.whole_state],
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((key_dim, value_dim), jnp.float32)],
         compiler_params=tpu_compiler_params(),
@@ -108,21 +96,15 @@ def forward(config, q, k, v, log_decay, resets, beta, initial_state, save_states
         ),
         interpret=_interpret(config),
         name="linear_memory_forward_tpu",
-    )(q, k, v, *scalar_inputs, initial_state)
+    )(q, k, v, *grid.scalar_inputs, initial_state)
     return outputs[0], outputs[1], (outputs[2] if save_states else None)
 
 
 def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_final_state):
     """Reverse chunk loop; returns (dq, dk, dv, dg, dβ, dS_0), all float32."""
-    batch_size, num_heads, length, key_dim = q.shape
-    value_dim = v.shape[-1]
-    num_chunks = length // config.chunk_size
-    token_block, row_block, state_block, whole_state = tpu_specs(
-        config.chunk_size, (key_dim, value_dim), True
-    )
-    scalar_inputs = []
-    for x in (log_decay, resets, beta):
-        scalar_inputs += tpu_scalar_layouts(x, config.chunk_size)
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    scalars = (log_decay, resets, beta)
+    grid = tpu_grid(q, scalars, config.chunk_size, (key_dim, value_dim), reverse=True)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         scalar_refs = refs[:6]
@@ -136,17 +118,12 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
             d_state_scratch[...] = d_final_ref[...]
 
         dq, dk, dv, d_decay_col, d_decay_row, d_beta, d_state = kernel_math.chunk_backward(
-            q_ref[...].astype(jnp.float32),
-            k_ref[...].astype(jnp.float32),
-            v_ref[...].astype(jnp.float32),
+            *float32_tokens((q_ref, k_ref, v_ref)),
             states_ref[...],
             d_o_ref[...].astype(jnp.float32),
             d_state_scratch[...],
             _load_scalars(scalar_refs),
-            scale=config.scale,
-            has_decay=config.has_decay,
-            has_delta=config.has_delta,
-            precision=PRECISION,
+            **kernel_common.static_options(config),
         )
         dq_ref[...], dk_ref[...], dv_ref[...] = dq, dk, dv
         d_decay_col_ref[...], d_decay_row_ref[...], d_beta_ref[...] = (
@@ -161,10 +138,7 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
             d_initial_ref[...] = d_state
 
     f32 = jnp.float32
-    scalar_col = jax.ShapeDtypeStruct((batch_size, num_heads, length, 1), f32)
-    scalar_row = jax.ShapeDtypeStruct(
-        (batch_size, num_heads, num_chunks, 1, config.chunk_size), f32
-    )
+    scalar_col, scalar_row = grid.scalar_gradient_shapes()
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, f32),
         jax.ShapeDtypeStruct(k.shape, f32),
@@ -174,23 +148,18 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
         scalar_col,
         jax.ShapeDtypeStruct(d_final_state.shape, f32),
     ]
-    out_specs = [
-        token_block(key_dim),
-        token_block(key_dim),
-        token_block(value_dim),
-        token_block(1),
-        row_block,
-        token_block(1),
-        whole_state,
-    ]
+    token_specs = grid.token_specs(key_dim, key_dim, value_dim)
+    # dβ is a column only: `kernel_math.chunk_backward` sums its parts per token.
+    out_specs = token_specs + [grid.token_block(1), grid.row_block, grid.token_block(1)]
+    out_specs.append(grid.whole_state)
     flops, transcendentals, io_bytes = kernel_common.cost_estimate(config, q, v, backward=True)
     dq, dk, dv, d_decay_col, d_decay_row, d_beta, d_initial = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch_size, num_heads, num_chunks),
-        in_specs=[token_block(key_dim), token_block(key_dim), token_block(value_dim)]
-        + [token_block(1), row_block] * 3
-        + [state_block, token_block(value_dim), whole_state],
+        grid=grid.shape,
+        in_specs=token_specs
+        + grid.scalar_specs
+        + [grid.chunk_state, grid.token_block(value_dim), grid.whole_state],
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((key_dim, value_dim), f32)],
         compiler_params=tpu_compiler_params(),
@@ -199,8 +168,8 @@ def backward(config, q, k, v, log_decay, resets, beta, chunk_states, d_o, d_fina
         ),
         interpret=_interpret(config),
         name="linear_memory_backward_tpu",
-    )(q, k, v, *scalar_inputs, chunk_states, d_o, d_final_state)
-    d_decay = d_decay_col[..., 0] + d_decay_row.reshape(d_decay_col.shape[:-1])
+    )(q, k, v, *grid.scalar_inputs, chunk_states, d_o, d_final_state)
+    d_decay = tpu_scalar_gradient(d_decay_col, d_decay_row)
     return dq, dk, dv, d_decay, d_beta[..., 0], d_initial
 
 

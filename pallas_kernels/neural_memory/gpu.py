@@ -23,15 +23,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.neural_memory import kernel_common, kernel_math
-from pallas_kernels.pallas_blocks import gpu_chunk_scalars, gpu_compiler_params, gpu_per_program
+from pallas_kernels.pallas_blocks import (
+    float32_tokens,
+    gpu_chunk_scalars,
+    gpu_compiler_params,
+    gpu_grid,
+    gpu_per_program,
+)
 
 
 def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
     """Kernel layout in (see kernel_common); returns (o, final state, chunk states | None)."""
-    batch_size, num_heads, length, dim = q.shape
-    state_shape = state.shape[2:]
-    chunk = config.chunk_size
-    num_chunks = length // chunk
+    dim, state_shape, chunk = q.shape[-1], state.shape[2:], config.chunk_size
+    grid, length, num_chunks = gpu_grid(q, chunk)
 
     def kernel(q_ref, k_ref, v_ref, lr_ref, eta_ref, decay_ref, initial_ref, *outs):
         o_ref, final_ref = outs[:2]
@@ -42,9 +46,7 @@ def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
                 for index, leaf in enumerate(carried):
                     outs[2][n, index] = leaf
             o, new_state = kernel_math.chunk_step(
-                q_ref[rows, :].astype(jnp.float32),
-                k_ref[rows, :].astype(jnp.float32),
-                v_ref[rows, :].astype(jnp.float32),
+                *float32_tokens((q_ref, k_ref, v_ref), rows),
                 gpu_chunk_scalars((lr_ref, eta_ref, decay_ref), rows),
                 carried,
                 kernel_common.last_row(config, n == num_chunks - 1),
@@ -65,12 +67,12 @@ def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
     out_specs = [gpu_per_program((length, dim)), gpu_per_program(state_shape)]
     if save_states:
         states_shape = (num_chunks, *state_shape)
-        out_shape.append(jax.ShapeDtypeStruct((batch_size, num_heads, *states_shape), jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((*grid, *states_shape), jnp.float32))
         out_specs.append(gpu_per_program(states_shape))
     outputs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch_size, num_heads),
+        grid=grid,
         in_specs=[gpu_per_program((length, dim))] * 3
         + [gpu_per_program((length,))] * 3
         + [gpu_per_program(state_shape)],
@@ -85,10 +87,8 @@ def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
 
 def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_state):
     """Reverse chunk loop; returns (dq, dk, dv, dlr, deta, dg, d_state_0), all float32."""
-    batch_size, num_heads, length, dim = q.shape
-    state_shape = chunk_states.shape[3:]
-    chunk = config.chunk_size
-    num_chunks = length // chunk
+    dim, state_shape, chunk = q.shape[-1], chunk_states.shape[3:], config.chunk_size
+    grid, length, num_chunks = gpu_grid(q, chunk)
 
     def kernel(q_ref, k_ref, v_ref, lr_ref, eta_ref, decay_ref, states_ref, *refs):
         d_o_ref, d_final_ref, dq_ref, dk_ref, dv_ref = refs[:5]
@@ -98,9 +98,7 @@ def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_sta
             n = num_chunks - 1 - step
             rows = pl.ds(n * chunk, chunk)
             dq, dk, dv, d_scalars, d_state = kernel_math.chunk_step_backward(
-                q_ref[rows, :].astype(jnp.float32),
-                k_ref[rows, :].astype(jnp.float32),
-                v_ref[rows, :].astype(jnp.float32),
+                *float32_tokens((q_ref, k_ref, v_ref), rows),
                 gpu_chunk_scalars((lr_ref, eta_ref, decay_ref), rows),
                 tuple(states_ref[n, index] for index in range(4)),
                 kernel_common.last_row(config, step == 0),
@@ -120,21 +118,21 @@ def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_sta
             d_initial_ref[index] = leaf
 
     f32 = jnp.float32
-    token_block = gpu_per_program((length,))
+    scalar_block = gpu_per_program((length,))
     outputs = pl.pallas_call(
         kernel,
         out_shape=[jax.ShapeDtypeStruct(x.shape, f32) for x in (q, k, v, lr, eta, log_decay)]
         + [jax.ShapeDtypeStruct(d_final_state.shape, f32)],
-        grid=(batch_size, num_heads),
+        grid=grid,
         in_specs=[gpu_per_program((length, dim))] * 3
-        + [token_block] * 3
+        + [scalar_block] * 3
         + [
             gpu_per_program((num_chunks, *state_shape)),
             gpu_per_program((length, dim)),
             gpu_per_program(state_shape),
         ],
         out_specs=[gpu_per_program((length, dim))] * 3
-        + [token_block] * 3
+        + [scalar_block] * 3
         + [gpu_per_program(state_shape)],
         compiler_params=gpu_compiler_params(config),
         cost_estimate=kernel_common.pallas_cost(q, d_final_state, config, backward=True),

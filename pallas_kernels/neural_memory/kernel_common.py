@@ -26,11 +26,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.neural_memory.choices import NeuralMemoryState
-from pallas_kernels.pallas_blocks import PRECISION
+from pallas_kernels.pallas_blocks import PRECISION, LaunchOptions
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfig(LaunchOptions):
     """Static description of one kernel call (hashable: a custom_vjp static argument).
 
     last_row: index in the final chunk of the last real token ((T - 1) mod chunk_size).
@@ -40,9 +40,6 @@ class KernelConfig:
     last_row: int
     activation: str
     norm_eps: float
-    num_warps: int | None = None
-    num_stages: int | None = None
-    interpret: bool = False
 
 
 def pack_state(state: NeuralMemoryState):

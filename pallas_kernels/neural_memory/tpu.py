@@ -28,7 +28,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.neural_memory import kernel_common, kernel_math
-from pallas_kernels.pallas_blocks import tpu_compiler_params, tpu_scalar_layouts, tpu_specs
+from pallas_kernels.pallas_blocks import (
+    float32_tokens,
+    tpu_compiler_params,
+    tpu_grid,
+    tpu_scalar_gradient,
+)
 
 
 def _load_state(ref):
@@ -42,15 +47,8 @@ def _store_state(ref, state):
 
 def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
     """Kernel layout in (see kernel_common); returns (o, final state, chunk states | None)."""
-    batch_size, num_heads, length, dim = q.shape
-    state_shape = state.shape[2:]
-    num_chunks = length // config.chunk_size
-    token_block, row_block, chunk_state, whole_state = tpu_specs(
-        config.chunk_size, state_shape, False
-    )
-    scalar_inputs = []
-    for x in (lr, eta, log_decay):
-        scalar_inputs += tpu_scalar_layouts(x, config.chunk_size)
+    dim, state_shape = q.shape[-1], state.shape[2:]
+    grid = tpu_grid(q, (lr, eta, log_decay), config.chunk_size, state_shape, reverse=False)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         scalar_refs, (initial_ref, o_ref, final_ref), rest = refs[:6], refs[6:9], refs[9:]
@@ -65,9 +63,7 @@ def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
         if save_states:
             rest[0][...] = state_scratch[...]
         o, new_state = kernel_math.chunk_step(
-            q_ref[...].astype(jnp.float32),
-            k_ref[...].astype(jnp.float32),
-            v_ref[...].astype(jnp.float32),
+            *float32_tokens((q_ref, k_ref, v_ref)),
             tuple(ref[...] for ref in scalar_refs),
             _load_state(state_scratch),
             kernel_common.last_row(config, is_final_chunk),
@@ -84,37 +80,29 @@ def forward(config, q, k, v, lr, eta, log_decay, state, save_states=False):
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         jax.ShapeDtypeStruct(state.shape, jnp.float32),
     ]
-    out_specs = [token_block(dim), whole_state]
+    out_specs = [grid.token_block(dim), grid.whole_state]
     if save_states:
-        states_shape = (batch_size, num_heads, num_chunks, *state_shape)
-        out_shape.append(jax.ShapeDtypeStruct(states_shape, jnp.float32))
-        out_specs.append(chunk_state)
+        out_shape.append(jax.ShapeDtypeStruct((*grid.shape, *state_shape), jnp.float32))
+        out_specs.append(grid.chunk_state)
     outputs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch_size, num_heads, num_chunks),
-        in_specs=[token_block(dim)] * 3 + [token_block(1), row_block] * 3 + [whole_state],
+        grid=grid.shape,
+        in_specs=[grid.token_block(dim)] * 3 + grid.scalar_specs + [grid.whole_state],
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM(state_shape, jnp.float32)],
         compiler_params=tpu_compiler_params(),
         cost_estimate=kernel_common.pallas_cost(q, state, config, backward=False),
         interpret=config.interpret,
         name="neural_memory_forward_tpu",
-    )(q, k, v, *scalar_inputs, state)
+    )(q, k, v, *grid.scalar_inputs, state)
     return outputs[0], outputs[1], (outputs[2] if save_states else None)
 
 
 def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_state):
     """Reverse chunk loop; returns (dq, dk, dv, dlr, deta, dg, d_state_0), all float32."""
-    batch_size, num_heads, length, dim = q.shape
-    state_shape = chunk_states.shape[3:]
-    num_chunks = length // config.chunk_size
-    token_block, row_block, chunk_state, whole_state = tpu_specs(
-        config.chunk_size, state_shape, True
-    )
-    scalar_inputs = []
-    for x in (lr, eta, log_decay):
-        scalar_inputs += tpu_scalar_layouts(x, config.chunk_size)
+    dim, state_shape = q.shape[-1], chunk_states.shape[3:]
+    grid = tpu_grid(q, (lr, eta, log_decay), config.chunk_size, state_shape, reverse=True)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         scalar_refs = refs[:6]
@@ -129,9 +117,7 @@ def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_sta
             d_state_scratch[...] = d_final_ref[...]
 
         dq, dk, dv, d_scalars, d_state = kernel_math.chunk_step_backward(
-            q_ref[...].astype(jnp.float32),
-            k_ref[...].astype(jnp.float32),
-            v_ref[...].astype(jnp.float32),
+            *float32_tokens((q_ref, k_ref, v_ref)),
             tuple(ref[...] for ref in scalar_refs),
             _load_state(states_ref),
             kernel_common.last_row(config, step == 0),
@@ -149,32 +135,25 @@ def backward(config, q, k, v, lr, eta, log_decay, chunk_states, d_o, d_final_sta
             _store_state(d_initial_ref, d_state)
 
     f32 = jnp.float32
-    scalar_col = jax.ShapeDtypeStruct((batch_size, num_heads, length, 1), f32)
-    scalar_row = jax.ShapeDtypeStruct(
-        (batch_size, num_heads, num_chunks, 1, config.chunk_size), f32
-    )
     out_shape = [jax.ShapeDtypeStruct(x.shape, f32) for x in (q, k, v)]
-    out_shape += [scalar_col, scalar_row] * 3 + [jax.ShapeDtypeStruct(d_final_state.shape, f32)]
-    out_specs = [token_block(dim)] * 3 + [token_block(1), row_block] * 3 + [whole_state]
+    out_shape += [*grid.scalar_gradient_shapes()] * 3
+    out_shape += [jax.ShapeDtypeStruct(d_final_state.shape, f32)]
     outputs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(batch_size, num_heads, num_chunks),
-        in_specs=[token_block(dim)] * 3
-        + [token_block(1), row_block] * 3
-        + [chunk_state, token_block(dim), whole_state],
-        out_specs=out_specs,
+        grid=grid.shape,
+        in_specs=[grid.token_block(dim)] * 3
+        + grid.scalar_specs
+        + [grid.chunk_state, grid.token_block(dim), grid.whole_state],
+        out_specs=[grid.token_block(dim)] * 3 + grid.scalar_specs + [grid.whole_state],
         scratch_shapes=[pltpu.VMEM(state_shape, f32)],
         compiler_params=tpu_compiler_params(),
         cost_estimate=kernel_common.pallas_cost(q, d_final_state, config, backward=True),
         interpret=config.interpret,
         name="neural_memory_backward_tpu",
-    )(q, k, v, *scalar_inputs, chunk_states, d_o, d_final_state)
-    dq, dk, dv = outputs[:3]
-    d_scalars = []
-    for col, row in zip(outputs[3:9:2], outputs[4:9:2]):
-        d_scalars.append(col[..., 0] + row.reshape(col.shape[:-1]))
-    return (dq, dk, dv, *d_scalars, outputs[9])
+    )(q, k, v, *grid.scalar_inputs, chunk_states, d_o, d_final_state)
+    d_scalars = map(tpu_scalar_gradient, outputs[3:9:2], outputs[4:9:2])
+    return (*outputs[:3], *d_scalars, outputs[9])
 
 
 recurrence = kernel_common.make_recurrence(forward, backward)
