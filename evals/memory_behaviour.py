@@ -22,7 +22,8 @@ with the memory's own read M(k):
     Titans eqs. 16-18, with the Omega window) with the layer's chunk size.
   * MatrixMemoryWrites (linear attention, GLA, DeltaNet, Gated DeltaNet): M(k) = S^T k, S_t
     as in `layers.linear_memory` (for linear attention / GLA, S^T k is not trained towards
-    v, so their errors grow with the number of tokens by construction). Mixture-of-Memories
+    v, so their errors grow with the number of tokens by construction); with linear
+    attention's normaliser M(k) = S^T k / (z^T k + eps). Mixture-of-Memories
     folds its memories (the routed ones and the shared one) into heads and marks which
     (token, head) pairs were routed (`written`): a memory's errors count only its tokens,
     its recall error the pairs it has stored; the state norm is the mean over all of them.
@@ -42,6 +43,7 @@ from flax import nnx
 
 from layers.linear_memory import DECAY_RULES, DELTA_RULES
 from layers.memory_writes import DeepMemoryWrites, MatrixMemoryWrites, NoMemory
+from pallas_kernels.linear_memory.api import NORMALIZER_EPS
 from pallas_kernels.neural_memory import reference
 
 QUANTITIES = ("state_norm", "error_before", "error_after", "recall_error", "value_norm")
@@ -100,7 +102,7 @@ def neural_memory_trace(spec, inputs, initial_state, chunk_size):
     return _summarise(per_token), outputs
 
 
-def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None, written=None):
+def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None, written=None, normalize=False):
     """Diagnostics of a matrix memory S [Dk, Dv] per head (module docstring), token by token.
 
     q, k [B, T, H, Dk], v [B, T, H, Dv], g / beta [B, T, H] or None (`LinearMemory.features`).
@@ -108,38 +110,47 @@ def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None, written=None):
     Mixture-of-Memories, whose memories are heads and take only their routed tokens -- so
     the errors and value norms average over written pairs only, and the recall error of a
     head over the pairs it has stored (heads that have stored none yet are left out).
+    normalize: the memory reads S^T x / (z^T x + eps), z the decayed sum of keys (linear
+    attention's normaliser; the state then carries z as a last value column, as
+    `normalized_recurrence` does), and there is no scale.
     Returns ({quantity: [T]}, outputs o_t = scale S_t^T q_t [B, T, H, Dv]).
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = 1.0 if normalize else (q.shape[-1] ** -0.5 if scale is None else scale)
     time_major = lambda x: None if x is None else jnp.moveaxis(x.astype(jnp.float32), 1, 0)  # noqa: E731
     q, k, v = time_major(q), time_major(k), time_major(v)
     g = jnp.zeros(q.shape[:3]) if g is None or rule not in DECAY_RULES else time_major(g)
     beta = jnp.ones(q.shape[:3]) if beta is None else time_major(beta)
     written = jnp.ones(q.shape[:3]) if written is None else time_major(written)
+    # What the state stores per key: v, and a 1 whose column sums the keys into z.
+    stored_v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1) if normalize else v
     all_keys, all_values = jnp.moveaxis(k, 0, 2), jnp.moveaxis(v, 0, 2)
     all_written = jnp.moveaxis(written, 0, 2)  # [B, H, T]
 
+    def normalized(out):
+        return out[..., :-1] / (out[..., -1:] + NORMALIZER_EPS) if normalize else out
+
     def read(state, x):
-        return jnp.einsum("bhk,bhkv->bhv", x, state)
+        return normalized(jnp.einsum("bhk,bhkv->bhv", x, state))
 
     def weighted_mean(x, weights):
         return jnp.sum(x * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
     def body(state, token):
-        t, query, key, value, g_t, beta_t, written_t = token
+        t, query, key, value, value_in, g_t, beta_t, written_t = token
         before = _norm(read(state, key) - value)
         retained = jnp.exp(g_t)[..., None, None] * state
         if rule in DELTA_RULES:
             update = beta_t[..., None] * (value - read(retained, key))
         else:
-            update = value
+            update = value_in
         state = retained + jnp.einsum("bhk,bhv->bhkv", key, update)
-        errors = _norm(jnp.einsum("bhtk,bhkv->bhtv", all_keys, state) - all_values)
+        errors = _norm(normalized(jnp.einsum("bhtk,bhkv->bhtv", all_keys, state)) - all_values)
         stored = all_written * (jnp.arange(all_keys.shape[2]) <= t)  # [B, H, T]
         count = jnp.sum(stored, axis=-1)
         recall = jnp.sum(errors * stored, axis=-1) / jnp.maximum(count, 1.0)
+        memory = state[..., : value.shape[-1]]  # S without z
         diagnostics = {
-            "state_norm": jnp.mean(jnp.sqrt(jnp.sum(jnp.square(state), axis=(-2, -1)))),
+            "state_norm": jnp.mean(jnp.sqrt(jnp.sum(jnp.square(memory), axis=(-2, -1)))),
             "error_before": weighted_mean(before, written_t),
             "error_after": weighted_mean(_norm(read(state, key) - value), written_t),
             "recall_error": weighted_mean(recall, count > 0),
@@ -148,9 +159,9 @@ def linear_memory_trace(rule, q, k, v, g, beta, *, scale=None, written=None):
         return state, (diagnostics, scale * read(state, query))
 
     batch, heads = q.shape[1], q.shape[2]
-    state = jnp.zeros((batch, heads, k.shape[-1], v.shape[-1]), jnp.float32)
+    state = jnp.zeros((batch, heads, k.shape[-1], stored_v.shape[-1]), jnp.float32)
     steps = jnp.arange(q.shape[0])
-    tokens = (steps, q, k, v, g, beta, written)
+    tokens = (steps, q, k, v, stored_v, g, beta, written)
     _, (per_token, outputs) = jax.lax.scan(body, state, tokens)
     return per_token, jnp.moveaxis(outputs, 0, 1)
 
@@ -173,7 +184,10 @@ def _trace_block(block, x):
         return {name: value[: writes.length] for name, value in traced.items()}
     if isinstance(writes, MatrixMemoryWrites):
         inputs = (writes.q, writes.k, writes.v, writes.g, writes.beta)
-        return linear_memory_trace(writes.rule, *inputs, written=writes.written)[0]
+        traced = linear_memory_trace(
+            writes.rule, *inputs, written=writes.written, normalize=writes.normalize
+        )
+        return traced[0]
     return writes
 
 

@@ -17,6 +17,13 @@ Networks", §3.4 and Fig. 1) and flash-linear-attention's `GatedDeltaNet` layer:
     deltanet           S_t = S_{t-1} + β_t k_t (v_t - S_{t-1}^T k_t)^T
     gated_deltanet     S_t = exp(g_t) S_{t-1} + β_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T
 
+Linear attention as Katharopoulos et al. (2020, "Transformers are RNNs") define it is the
+"linear_attention" rule with `feature_map="elu1"` and `normalize=True` (the block kind's
+defaults): q, k = elu(·) + 1 instead of ℓ2(SiLU(·)), and o_t = S_t^T q_t / (z_t^T q_t + ε)
+with z_t = Σ_{j≤t} k_j (`pallas_kernels.linear_memory.normalized_recurrence`). The short
+convs, SiLU on v and the SiLU output gate are this layer's, not the paper's; the output's
+RMSNorm is left out, since it would undo the normaliser.
+
 "gla" is GLA with one scalar gate per head and step (fla's "simple GLA", the decay of
 Mamba2 / Gated DeltaNet), not GLA's per-key-channel gate: the recurrence API takes g [B,T,H].
 
@@ -66,6 +73,19 @@ def log_decay(a_logits: jax.Array, a_log: jax.Array, dt_bias: jax.Array) -> jax.
     """GDN / Mamba2 data-dependent log decay g = -exp(A_log) softplus(a + dt_bias), float32."""
     a_logits = a_logits.astype(jnp.float32)
     return -jnp.exp(a_log) * jax.nn.softplus(a_logits + dt_bias)
+
+
+def elu_plus_one(x: jax.Array) -> jax.Array:
+    """φ(x) = elu(x) + 1 > 0, linear attention's feature map (Katharopoulos et al. 2020)."""
+    return jax.nn.elu(x) + 1.0
+
+
+# What q and k go through after the short conv (per head, [..., Dk]): "silu_l2" is Gated
+# DeltaNet's (the delta rules need ‖k‖ = 1), "elu1" linear attention's positive map.
+FEATURE_MAPS = {
+    "silu_l2": lambda x: l2_normalize(jax.nn.silu(x)),
+    "elu1": elu_plus_one,
+}
 
 
 def state_norm(state: jax.Array) -> jax.Array:
@@ -119,7 +139,7 @@ class MatrixMemoryMixer(nnx.Module):
         )
         self.dtype = options.dtype
 
-    def _gated_output(self, d_model, options: MatrixMemoryOptions, rngs) -> GatedOutput:
+    def _gated_output(self, d_model, options: MatrixMemoryOptions, rngs, norm=True):
         return GatedOutput(
             d_model,
             options.num_heads,
@@ -129,6 +149,7 @@ class MatrixMemoryMixer(nnx.Module):
             out_init_std=options.out_init_std,
             dtype=options.dtype,
             rngs=rngs,
+            norm=norm,
         )
 
 
@@ -136,12 +157,27 @@ class LinearMemory(MatrixMemoryMixer):
     """Matrix-memory mixer (see the module docstring). x [B, T, D] -> y [B, T, D].
 
     `options` are the fields of `MatrixMemoryOptions` (rule, num_heads and head_dim are
-    required).
+    required). feature_map: what q and k go through after the conv, one of FEATURE_MAPS;
+    normalize: divide each readout by z_t^T q_t (additive rules only; see the module
+    docstring).
     """
 
-    def __init__(self, d_model: int, *, rngs: nnx.Rngs, **options):
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        feature_map: str = "silu_l2",
+        normalize: bool = False,
+        rngs: nnx.Rngs,
+        **options,
+    ):
         options = MatrixMemoryOptions(**options)
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map={feature_map!r} is not one of {tuple(FEATURE_MAPS)}")
+        if normalize and options.rule in DELTA_RULES:
+            raise ValueError(f"normalize=True needs an additive rule, not {options.rule!r}")
         self._set_options(options)
+        self.feature_map, self.normalize = feature_map, normalize
 
         def linear(features_out, axes):
             return projection(
@@ -154,20 +190,24 @@ class LinearMemory(MatrixMemoryMixer):
         self.key = linear(key_width, ("embed", "qkv"))
         self.value = linear(value_width, ("embed", "qkv"))
         if self.conv_size > 0:
-            self.query_conv = ShortConv(key_width, self.conv_size, rngs=rngs)
-            self.key_conv = ShortConv(key_width, self.conv_size, rngs=rngs)
-            self.value_conv = ShortConv(value_width, self.conv_size, rngs=rngs)
+            # Activations are the feature map's (q, k) and SiLU (v), applied in `features`.
+            for name, width in (("query", key_width), ("key", key_width), ("value", value_width)):
+                conv = ShortConv(width, self.conv_size, activation=False, rngs=rngs)
+                setattr(self, f"{name}_conv", conv)
         if self.rule in DELTA_RULES:
             self.beta = linear(num_heads, ("embed", "heads"))
         if self.rule in DECAY_RULES:
             self.decay = linear(num_heads, ("embed", "heads"))
             self.a_log, self.dt_bias = decay_parameters(num_heads, rngs)
-        self.output = self._gated_output(d_model, options, rngs)
+        # A per-head RMSNorm would divide the normaliser out again (RMSNorm(o / c) = RMSNorm(o)
+        # for any per-(token, head) c > 0, up to its eps), so with it the output has none.
+        self.output = self._gated_output(d_model, options, rngs, norm=not normalize)
 
     def _conv(self, name, projected, cache, new_cache, segment_ids):
-        """SiLU(ShortConv(projected)) with the cached conv state `name` (if caching)."""
+        """ShortConv(projected) with the cached conv state `name` (if caching); projected
+        itself when conv_size is 0."""
         if self.conv_size == 0:
-            return jax.nn.silu(projected)
+            return projected
         conv = getattr(self, f"{name}_conv")
         conv_state = None if cache is None else cache[f"conv_{name}"]
         y, new_conv_state = conv(projected, conv_state=conv_state, segment_ids=segment_ids)
@@ -180,10 +220,13 @@ class LinearMemory(MatrixMemoryMixer):
         batch, length, _ = x.shape
         new_cache = {}
         heads = (batch, length, self.num_heads)
-        q = self._conv("query", self.query(x), cache, new_cache, segment_ids).reshape(*heads, -1)
-        k = self._conv("key", self.key(x), cache, new_cache, segment_ids).reshape(*heads, -1)
-        v = self._conv("value", self.value(x), cache, new_cache, segment_ids).reshape(*heads, -1)
-        q, k = l2_normalize(q), l2_normalize(k)
+        q, k, v = (
+            self._conv(name, getattr(self, name)(x), cache, new_cache, segment_ids)
+            for name in ("query", "key", "value")
+        )
+        feature_map = FEATURE_MAPS[self.feature_map]
+        q, k = (feature_map(y.reshape(*heads, -1)) for y in (q, k))
+        v = jax.nn.silu(v).reshape(*heads, -1)
         g = beta = None
         if self.rule in DECAY_RULES:
             g = log_decay(self.decay(x), self.a_log[...], self.dt_bias[...])
@@ -194,16 +237,10 @@ class LinearMemory(MatrixMemoryMixer):
     def writes(self, x) -> MatrixMemoryWrites:
         """What the memory writes reading x [B, T, D] (the probe contract)."""
         q, k, v, g, beta, _ = self.features(x)
-        return MatrixMemoryWrites(self.rule, q, k, v, g, beta)
+        return MatrixMemoryWrites(self.rule, q, k, v, g, beta, normalize=self.normalize)
 
     def _recurrence(self, q, k, v, g, beta, *, initial_state=None, segment_ids=None):
-        return recurrences.recurrence(
-            self.rule,
-            q,
-            k,
-            v,
-            g,
-            beta,
+        options = dict(
             initial_state=initial_state,
             output_final_state=True,
             segment_ids=segment_ids,
@@ -211,16 +248,21 @@ class LinearMemory(MatrixMemoryMixer):
             chunk_size=min(self.chunk_size, q.shape[1]),
             impl=self.impl,
         )
+        if self.normalize:
+            return recurrences.normalized_recurrence(self.rule, q, k, v, g, **options)
+        return recurrences.recurrence(self.rule, q, k, v, g, beta, **options)
 
     def __call__(self, x, *, segment_ids=None):
         """x [B, T, D] -> (y [B, T, D] in `dtype`, aux {"state_norm": final state's mean norm})."""
         q, k, v, g, beta, _ = self.features(x, segment_ids=segment_ids)
         o, final_state = self._recurrence(q, k, v, g, beta, segment_ids=segment_ids)
-        return self.output(o, x), {"state_norm": state_norm(final_state)}
+        memory = final_state[..., : self.value_dim]  # S without the normaliser's z column
+        return self.output(o, x), {"state_norm": state_norm(memory)}
 
     def init_cache(self, batch_size: int) -> dict[str, jax.Array]:
-        """Empty memory: state [B, H, Dk, Dv] and conv states [B, K-1, C], all float32 zeros."""
-        shape = (batch_size, self.num_heads, self.key_dim, self.value_dim)
+        """Empty memory: state [B, H, Dk, Dv] ([B, H, Dk, Dv + 1] with the normaliser's z as
+        its last column) and conv states [B, K-1, C], all float32 zeros."""
+        shape = (batch_size, self.num_heads, self.key_dim, self.value_dim + int(self.normalize))
         cache = {"state": jnp.zeros(shape, jnp.float32)}
         if self.conv_size > 0:
             for name in ("query", "key", "value"):

@@ -44,10 +44,11 @@ class DeepMemoryWrites:
     length: int | None = None
 
 
-@_pytree("rule")
+@_pytree("rule", "normalize")
 class MatrixMemoryWrites:
     """q, k [B, T, H, Dk], v [B, T, H, Dv], g / beta [B, T, H] or None; written [B, T, H]
-    bool or None (every pair)."""
+    bool or None (every pair); normalize: reads are divided by z_t^T q (linear attention's
+    normaliser, `LinearMemory(normalize=True)`)."""
 
     rule: str
     q: jax.Array
@@ -56,6 +57,7 @@ class MatrixMemoryWrites:
     g: jax.Array | None
     beta: jax.Array | None
     written: jax.Array | None = None
+    normalize: bool = False
 
 
 @_pytree("reason")

@@ -7,8 +7,11 @@ Each is x + Mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(.)), like `models.lm.Transf
 Options (`model.<kind>`): num_heads (0 = model.num_heads), head_dim (0 = the model's head
 dim), expand_v (value dim = expand_v * head_dim), conv_size (short conv taps, 0 = none),
 chunk_size (of the chunked recurrence), impl (recurrence implementation, see
-`pallas_kernels.linear_memory`); "mom" adds num_memories, top_k, shared_memory,
-aux_loss_coef and rule (the memories' recurrence, default "gated_deltanet").
+`pallas_kernels.linear_memory`); "linear_attention" adds feature_map (what q and k go
+through: "elu1", elu + 1, its default, or "silu_l2", Gated DeltaNet's) and normalize (divide
+by z_t^T q_t, default True: Katharopoulos et al.'s normaliser); "mom" adds num_memories,
+top_k, shared_memory, aux_loss_coef and rule (the memories' recurrence, default
+"gated_deltanet").
 
 Decoding: `init_cache(batch_size, max_length)` and `extend(x, cache, *, positions)` (the
 memory state does not grow, so max_length and positions are not needed).
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from errors import ConfigError
-from layers.linear_memory import RULES, LinearMemory
+from layers.linear_memory import FEATURE_MAPS, RULES, LinearMemory
 from layers.mixture_of_memories import MixtureOfMemories
 from layers.mlp import SwiGLU
 from layers.norms import RMSNorm
@@ -106,21 +109,34 @@ MEMORY_DEFAULTS = {
 }
 
 
-def _linear_memory_block(kind, rule):
+def _check_readout(block_config) -> dict:
+    """feature_map and normalize, for the kinds that have them (ConfigError without prefix)."""
+    if "feature_map" not in block_config:
+        return {}
+    if block_config.feature_map not in FEATURE_MAPS:
+        known = ", ".join(FEATURE_MAPS)
+        raise ConfigError(f"feature_map: {block_config.feature_map!r} is not one of {known}")
+    return dict(feature_map=block_config.feature_map, normalize=block_config.normalize)
+
+
+def _linear_memory_block(kind, rule, **defaults):
     def factory(model_config, block_config, *, layer_index, rngs):
         del layer_index  # every layer of a kind is built the same way
         mixer = LinearMemory(
             model_config.d_model,
             rule=rule,
             **_check_options(model_config, block_config),
+            **_check_readout(block_config),
             rngs=rngs,
         )
         return MemoryBlock(model_config, mixer, rngs=rngs)
 
-    register_block(kind, defaults=MEMORY_DEFAULTS)(factory)
+    register_block(kind, defaults={**MEMORY_DEFAULTS, **defaults})(factory)
 
 
-_linear_memory_block("linear_attention", "linear_attention")
+# Linear attention as Katharopoulos et al. define it: a positive feature map and the
+# normaliser (feature_map="silu_l2", normalize=False gives the un-normalised memory).
+_linear_memory_block("linear_attention", "linear_attention", feature_map="elu1", normalize=True)
 _linear_memory_block("gla", "gla")
 _linear_memory_block("deltanet", "deltanet")
 _linear_memory_block("gdn", "gated_deltanet")

@@ -8,6 +8,7 @@ from pallas_kernels.linear_memory.api import (
     delta_rule,
     gated_delta_rule,
     linear_attention,
+    normalized_recurrence,
     recurrence,
     simple_gla,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "delta_rule",
     "gated_delta_rule",
     "linear_attention",
+    "normalized_recurrence",
     "recurrence",
     "simple_gla",
 ]

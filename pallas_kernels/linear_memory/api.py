@@ -189,6 +189,37 @@ def recurrence(
     return o, (final_state if output_final_state else None)
 
 
+# Katharopoulos et al.'s reference code (fast-transformers) adds 1e-6 to the normaliser.
+NORMALIZER_EPS = 1e-6
+
+
+def normalized_recurrence(
+    rule, q, k, v, g=None, *, eps=NORMALIZER_EPS, initial_state=None, **options
+):
+    """An additive rule with linear attention's normaliser (Katharopoulos et al. 2020,
+    "Transformers are RNNs", §3.2 and the causal form of §3.3):
+
+        S_t = exp(g_t) S_{t-1} + k_t v_t^T,   z_t = exp(g_t) z_{t-1} + k_t,
+        o_t = S_t^T q_t / (z_t^T q_t + eps)
+
+    with q, k already through a positive feature map (the layer's φ); there is no scale
+    (any scale would cancel but for eps). z travels as one more value column: the
+    recurrence runs on [v, 1], so every implementation, and the reset of packed segments,
+    serves it unchanged. The state
+    (`initial_state`, the final state) is [B, H, Dk, Dv + 1] with z as its last column.
+    `options` are `recurrence`'s."""
+    if rule in DELTA_RULES:
+        raise ValueError(f"rule={rule!r}: the normaliser is for additive rules, not {DELTA_RULES}")
+    ones = jnp.ones((*v.shape[:-1], 1), v.dtype)
+    options = {**options, "scale": 1.0, "initial_state": initial_state}
+    extended, final_state = recurrence(
+        rule, q, k, jnp.concatenate([v, ones], axis=-1), g, **options
+    )
+    extended = extended.astype(jnp.float32)
+    o = extended[..., :-1] / (extended[..., -1:] + eps)
+    return o.astype(v.dtype), final_state
+
+
 # The four recurrences under fla's names; `options` are `recurrence`'s keyword arguments.
 
 

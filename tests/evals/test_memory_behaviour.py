@@ -65,6 +65,27 @@ def test_linear_trace_is_the_layer_recurrence(rule):
     assert all(traced[name].shape == (LENGTH,) for name in memory_behaviour.QUANTITIES)
 
 
+@pytest.mark.parametrize("rule", ["linear_attention", "gla"])
+def test_normalized_trace_is_the_normalized_recurrence(rule):
+    """With linear attention's normaliser the trace reads S^T x / (z^T x + eps), as the
+    layer's recurrence does (positive keys and queries, as elu + 1 gives)."""
+    x = random_inputs(2)
+    q, k = (jax.nn.elu(x[name]) + 1.0 for name in ("q", "k"))
+    traced, outputs = memory_behaviour.linear_memory_trace(
+        rule, q, k, x["v"], x["g"], None, normalize=True
+    )
+    g = x["g"] if rule == "gla" else None
+    expected, final_state = linear_memory.normalized_recurrence(
+        rule, q, k, x["v"], g, output_final_state=True, impl="reference"
+    )
+    np.testing.assert_allclose(outputs, expected, **TOLERANCE)
+    final_norm = jnp.mean(jnp.linalg.norm(final_state[..., :-1], axis=(-2, -1)))
+    np.testing.assert_allclose(traced["state_norm"][-1], final_norm, **TOLERANCE)
+    # The first pair is the only one stored after token 0: with the normaliser its read is
+    # v_0 k_0^T k_0 / (k_0^T k_0 + eps), i.e. v_0 up to eps.
+    np.testing.assert_allclose(traced["error_after"][0], 0.0, atol=1e-5)
+
+
 def test_delta_rule_write_reduces_the_error():
     """With beta in (0, 1) and unit keys, the delta rule moves S^T k a beta fraction of the
     way to v: ||S_t^T k_t - v_t|| = (1 - beta_t) ||S~^T k_t - v_t|| (no decay: S~ = S)."""

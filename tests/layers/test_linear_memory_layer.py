@@ -132,6 +132,34 @@ def test_packed_batch_equals_segments_run_separately(rule):
     np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=TOL)
 
 
+# Linear attention as Katharopoulos et al. define it (the "linear_attention" kind's defaults).
+NORMALIZED = dict(feature_map="elu1", normalize=True)
+
+
+@pytest.mark.parametrize("rule", ["linear_attention", "gla"])
+def test_normalized_layer_chunked_reference_and_packing(rule):
+    x = _inputs(11, length=10, batch=1)
+    layer = _layer(rule, **NORMALIZED)
+    chunked, _ = _forward(layer, x)
+    reference, _ = _forward(_layer(rule, impl="reference", **NORMALIZED), x)
+    np.testing.assert_allclose(chunked, reference, atol=TOL)
+    # Without the normaliser (same weights) the layer computes something else.
+    plain, _ = _forward(_layer(rule, feature_map="elu1"), x)
+    assert float(jnp.max(jnp.abs(plain - chunked))) > 0.1 * float(jnp.max(jnp.abs(chunked)))
+    segment_ids = jnp.array([[3] * 5 + [4] * 5])  # z resets with S inside a chunk of 4
+    packed, _ = _forward(layer, x, segment_ids)
+    first, _ = _forward(layer, x[:, :5])
+    second, _ = _forward(layer, x[:, 5:])
+    np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=TOL)
+
+
+def test_normalizer_needs_an_additive_rule():
+    with pytest.raises(ValueError, match="additive rule"):
+        _layer("deltanet", normalize=True)
+    with pytest.raises(ValueError, match="feature_map"):
+        _layer("gla", feature_map="relu")
+
+
 def _check_extend_matches_forward(block, x, split):
     """Full forward == extend token by token == extend of x[:, :split] then the rest.
 
@@ -193,3 +221,6 @@ def test_bad_options_name_their_key():
         models.build_model(_model_config("deltanet", impl="cuda"), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match=r"model\.gla\.expand_v"):
         models.build_model(_model_config("gla", expand_v=0), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=r"model\.linear_attention\.feature_map"):
+        config = _model_config("linear_attention", feature_map="relu")
+        models.build_model(config, rngs=nnx.Rngs(0))
