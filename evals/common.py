@@ -1,97 +1,23 @@
-"""Shared pieces of the evals: restoring a trained model from a workdir, scoring tokens,
-writing results, and the one-line-error convention of the command-line tools.
+"""Shared pieces of the evals: scoring tokens and writing results; restoring a trained model
+from a workdir (`models.restore`) and the one-line-error convention of the command-line
+tools (`errors.run_cli`) are re-exported here.
 """
 
-import argparse
-import dataclasses
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from errors import CheckpointError, MnemaxError
-from models.registry import build_model
+# Re-exported: the evals' command lines and callers use them as `common.<name>`.
+from errors import ArgumentParser, run_cli  # noqa: F401
+from models.restore import Restored, checkpoint_steps, load_config, restore  # noqa: F401
 
 # Positions of the logits computed at once when scoring: [B, chunk, V] is the largest array,
 # so a long sequence with a big vocabulary never materialises [B, T, V].
 SCORE_CHUNK = 256
-
-
-@dataclasses.dataclass
-class Restored:
-    """A trained model, the run's resolved config and the step of its checkpoint."""
-
-    model: nnx.Module
-    config: ml_collections.ConfigDict
-    step: int
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run saved as WORKDIR/config.json (CheckpointError if absent)."""
-    if not os.path.isdir(workdir):
-        raise CheckpointError(f"{workdir}: workdir does not exist")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no config.json (not a workdir written by train.py)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-    """Steps of the complete checkpoints under WORKDIR/checkpoints, newest first (Orbax
-    names in-progress saves `<step>.orbax-checkpoint-tmp-*`, which are not numbers)."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        return []
-    steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
-    return sorted(steps, reverse=True)
-
-
-def restore(workdir: str, step: int | None = None) -> Restored:
-    """The model of WORKDIR at checkpoint `step` (None: the newest one that can be read).
-
-    Only the parameters are read (no optimizer state, no mesh): the model is rebuilt from
-    config.json on the default device, whatever mesh trained it.
-    """
-    import orbax.checkpoint as ocp
-
-    config = load_config(workdir)
-    steps = checkpoint_steps(workdir)
-    if step is not None:
-        if step not in steps:
-            raise CheckpointError(f"{workdir}/checkpoints: no checkpoint of step {step}")
-        steps = [step]
-    if not steps:
-        raise CheckpointError(f"{workdir}/checkpoints: no checkpoint to evaluate")
-    abstract = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(config.seed)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params)
-    )
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-    args = ocp.args.PyTreeRestore(
-        item={"params": target}, restore_args={"params": restore_args}, partial_restore=True
-    )
-    errors = []
-    for candidate in steps:
-        path = os.path.join(workdir, "checkpoints", str(candidate), "state")
-        try:
-            # A partial restore: the train state's "params" entry only, on one device.
-            with ocp.PyTreeCheckpointer() as checkpointer:
-                saved = checkpointer.restore(path, args=args)
-        except Exception as error:  # noqa: BLE001 - any failure means "try an older one"
-            errors.append(f"{candidate}: {str(error).splitlines()[0][:120]}")
-            continue
-        nnx.replace_by_pure_dict(params, saved["params"])
-        model = nnx.merge(graphdef, params, rest)
-        return Restored(model, config, candidate)
-    raise CheckpointError(f"{workdir}/checkpoints: no readable checkpoint ({'; '.join(errors)})")
 
 
 @nnx.jit
@@ -156,27 +82,9 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line `error: ...` and exit code 2."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 def int_list(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item.strip()]
 
 
 def float_list(text: str) -> list[float]:
     return [float(item) for item in text.split(",") if item.strip()]
-
-
-def run_cli(main, argv=None) -> int:
-    """Run `main(argv)`; a MnemaxError becomes one line `error: ...` and its exit code."""
-    try:
-        main(argv)
-    except MnemaxError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return error.exit_code
-    return 0

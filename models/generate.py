@@ -1,20 +1,32 @@
 """Autoregressive sampling from a `LanguageModel` with per-block decoding caches.
 
 `generate` prefills the prompt with one `model.extend`, then runs single-token extends in a
-`jax.lax.scan`, all under one `jax.jit`. `sample_logits` turns next-token logits into tokens:
+`jax.lax.scan`, all under one `jax.jit`. `stream` yields the same tokens one at a time (a
+jitted prefill, then one jitted step per token), for printing as they come. From the
+command line, on a workdir written by train.py (the newest readable checkpoint):
+
+    python -m models.generate --workdir=runs/default --prompt="def main(" --max_new_tokens=200
+    python -m models.generate --workdir=runs/mqar --prompt_tokens=5,17,9 --greedy
+
+Text runs (data.name=text) are byte-level: the prompt is its UTF-8 bytes (empty: the
+document separator byte 0) and the continuation is printed as UTF-8 as it streams; other
+runs take and print token ids. `sample_logits` turns next-token logits into tokens:
 greedy (argmax), or a draw from softmax(logits / temperature) after optional top-k
 (Fan et al. 2018) and top-p / nucleus (Holtzman et al. 2020) filtering, in that order (the
 order of Hugging Face's samplers, so settings mean the same there and here).
 """
 
+import codecs
 import functools
 import numbers
+import sys
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from errors import ConfigError
+from errors import ArgumentParser, ConfigError, run_cli
+from models.restore import restore
 
 
 def greedy_tokens(logits: jax.Array) -> jax.Array:
@@ -93,6 +105,15 @@ def sample_logits(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _checked_prompt(prompt, max_new_tokens, temperature, top_k, top_p, greedy):
+    _check_sampling_args(temperature, top_k, top_p, greedy)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ConfigError(f"prompt: expected int tokens [batch, length >= 1], got {prompt.shape}")
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens: must be an int >= 0, got {max_new_tokens!r}")
+    return jnp.asarray(prompt, jnp.int32)
+
+
 def generate(
     model: nnx.Module,
     prompt: jax.Array,
@@ -113,12 +134,7 @@ def generate(
     (model structure, shapes, max_new_tokens, top_k, greedy); temperature and top_p are
     traced and do not recompile.
     """
-    _check_sampling_args(temperature, top_k, top_p, greedy)
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ConfigError(f"prompt: expected int tokens [batch, length >= 1], got {prompt.shape}")
-    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens: must be an int >= 0, got {max_new_tokens!r}")
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = _checked_prompt(prompt, max_new_tokens, temperature, top_k, top_p, greedy)
     if max_new_tokens == 0:
         return prompt
     graphdef, state = nnx.split(model)
@@ -163,3 +179,119 @@ def _generate(graphdef, state, prompt, rng, temperature, top_p, *, max_new_token
         decode_step, (first_token, cache), (step_positions.astype(jnp.int32), keys[1:])
     )
     return jnp.concatenate([prompt, first_token[:, None], later_tokens.T], axis=1)
+
+
+def stream(
+    model: nnx.Module,
+    prompt: jax.Array,
+    *,
+    max_new_tokens: int,
+    rng: jax.Array,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+):
+    """Yield the tokens `generate` would append, one [B] int32 array at a time (the same
+    keys of `rng` for the same steps). Two compiles: the prefill and the one-token step."""
+    prompt = _checked_prompt(prompt, max_new_tokens, temperature, top_k, top_p, greedy)
+    if max_new_tokens == 0:
+        return
+    graphdef, state = nnx.split(model)
+    batch_size, prompt_length = prompt.shape
+    keys = jax.random.split(rng, max_new_tokens)
+    settings = dict(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p))
+    static = dict(top_k=int(top_k), greedy=bool(greedy))
+    cache = model.init_cache(batch_size, prompt_length + max_new_tokens)
+    positions = jnp.broadcast_to(jnp.arange(prompt_length, dtype=jnp.int32), prompt.shape)
+    token, cache = _extend_and_sample(
+        graphdef, state, prompt, cache, positions, keys[0], **settings, **static
+    )
+    yield token
+    for step in range(1, max_new_tokens):
+        positions = jnp.full((batch_size, 1), prompt_length + step - 1, jnp.int32)
+        token, cache = _extend_and_sample(
+            graphdef, state, token[:, None], cache, positions, keys[step], **settings, **static
+        )
+        yield token
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "greedy"))
+def _extend_and_sample(graphdef, state, tokens, cache, positions, key, *, temperature, top_p,
+                       top_k, greedy):  # fmt: skip
+    """Extend the cache by `tokens` [B, T] and sample the token after the last one."""
+    logits, cache = nnx.merge(graphdef, state).extend(tokens, cache, positions=positions)
+    next_token = sample_logits(
+        logits[:, -1], key, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+    )
+    return next_token, cache
+
+
+# ---- the command line ---------------------------------------------------------------------
+
+# Byte-level text data joins documents with this byte (`data.text`): the start of a document.
+DOCUMENT_SEPARATOR = 0
+
+
+def _prompt_tokens(args, config) -> list[int]:
+    if args.prompt_tokens:
+        try:
+            tokens = [int(item) for item in args.prompt_tokens.split(",") if item.strip()]
+        except ValueError:
+            raise ConfigError(f"--prompt_tokens: expected comma-separated ints, got "
+                              f"{args.prompt_tokens!r}") from None  # fmt: skip
+    elif config.data.name == "text":
+        tokens = list(args.prompt.encode("utf-8")) or [DOCUMENT_SEPARATOR]
+    else:
+        raise ConfigError(
+            f"--prompt_tokens: data.name={config.data.name!r} has no text tokenizer here "
+            "(only byte-level text runs read --prompt); give the prompt as token ids"
+        )
+    vocab_size = config.model.vocab_size
+    if not tokens or not all(0 <= token < vocab_size for token in tokens):
+        raise ConfigError(f"--prompt_tokens: ids must be in [0, {vocab_size}), got {tokens}")
+    return tokens
+
+
+def main(argv=None) -> None:
+    parser = ArgumentParser(
+        prog="python -m models.generate", description="Sample from a trained workdir."
+    )
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--prompt", default="", help="text runs: the prompt's UTF-8 bytes")
+    parser.add_argument("--prompt_tokens", default="", help="comma-separated token ids")
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0, help="0: off")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1: off")
+    parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step", type=int, default=None, help="default: the newest")
+    args = parser.parse_args(argv)
+    restored = restore(args.workdir, args.step)
+    prompt = jnp.asarray([_prompt_tokens(args, restored.config)], jnp.int32)
+    tokens = stream(
+        restored.model,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        rng=jax.random.key(args.seed),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+    )
+    if restored.config.data.name == "text":
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sys.stdout.write(args.prompt)
+        for token in tokens:
+            sys.stdout.write(decoder.decode(bytes([int(token[0])])))
+            sys.stdout.flush()
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    else:
+        for token in tokens:
+            print(int(token[0]), end=" ", flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

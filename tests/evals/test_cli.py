@@ -86,8 +86,10 @@ def test_recall_cli_writes_json_and_table(mqar_workdir):
     assert niah["format"] == "tokens" and [c["depth"] for c in niah["cells"]] == [0.0, 1.0]
 
 
-def test_language_modeling_cli_on_a_text_run(tmp_path):
-    workdir = tmp_path / "text"
+@pytest.fixture(scope="module")
+def text_workdir(tmp_path_factory):
+    """2 steps of a 1-layer Transformer on byte-level text."""
+    workdir = tmp_path_factory.mktemp("text")
     trained = run(
         "train.py", *TINY, f"--workdir={workdir}", "--config.data.name=text",
         "--config.data.max_bytes=200000", "--config.train.num_steps=2",
@@ -95,6 +97,11 @@ def test_language_modeling_cli_on_a_text_run(tmp_path):
         "--config.eval.every_steps=0",
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr[-3000:]
+    return workdir
+
+
+def test_language_modeling_cli_on_a_text_run(text_workdir):
+    workdir = text_workdir
     result = run(
         "-m", "evals.language_modeling", f"--workdir={workdir}", "--multiples=1,2",
         "--num_windows=2",
@@ -104,6 +111,24 @@ def test_language_modeling_cli_on_a_text_run(tmp_path):
     assert saved["unit"] == "bits_per_byte"
     assert [len(row["bucket_loss"]) for row in saved["lengths"]] == [1, 2]
     assert "bucket_loss" in result.stdout
+
+
+def test_sampling_cli_streams_text_and_token_ids(text_workdir, mqar_workdir):
+    sampled = run("-m", "models.generate", f"--workdir={text_workdir}", "--prompt=def ",
+                  "--max_new_tokens=12", "--seed=1", "--top_k=20")  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert sampled.stdout.startswith("def ") and len(sampled.stdout.encode()) >= 4 + 1
+    again = run("-m", "models.generate", f"--workdir={text_workdir}", "--prompt=def ",
+                "--max_new_tokens=12", "--seed=1", "--top_k=20")  # fmt: skip
+    assert again.stdout == sampled.stdout  # the seed fixes the sample
+    ids = run("-m", "models.generate", f"--workdir={mqar_workdir}", "--prompt_tokens=3,9,4",
+              "--max_new_tokens=5", "--greedy")  # fmt: skip
+    assert ids.returncode == 0, ids.stderr[-3000:]
+    assert len(ids.stdout.split()) == 5 and all(int(t) < 64 for t in ids.stdout.split())
+    no_ids = run("-m", "models.generate", f"--workdir={mqar_workdir}", "--prompt=abc")
+    assert_one_line_error(no_ids, 2, "--prompt_tokens", "mqar")
+    too_big = run("-m", "models.generate", f"--workdir={mqar_workdir}", "--prompt_tokens=64")
+    assert_one_line_error(too_big, 2, "--prompt_tokens", "[0, 64)")
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, mqar_workdir, capsys):

@@ -15,6 +15,7 @@ from models.generate import (
     generate,
     greedy_tokens,
     sample_logits,
+    stream,
     top_k_filter,
     top_p_filter,
 )
@@ -285,3 +286,16 @@ def test_sampled_generate_shape_prompt_and_reproducibility():
     np.testing.assert_array_equal(no_new, prompt)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         generate(model, prompt, max_new_tokens=-1, rng=jax.random.key(0))
+
+
+def test_stream_yields_the_tokens_generate_appends():
+    """Same keys for the same steps: streamed tokens are generate's, sampled and greedy."""
+    model = _mixed_model()
+    prompt = _tokens(PROMPT_LENGTH)
+    for settings in (dict(temperature=0.8, top_k=10, top_p=0.9), dict(greedy=True)):
+        rng = jax.random.key(3)
+        whole = generate(model, prompt, max_new_tokens=NEW_TOKENS, rng=rng, **settings)
+        streamed = list(stream(model, prompt, max_new_tokens=NEW_TOKENS, rng=rng, **settings))
+        assert len(streamed) == NEW_TOKENS and streamed[0].shape == (BATCH,)
+        np.testing.assert_array_equal(jnp.stack(streamed, axis=1), whole[:, PROMPT_LENGTH:])
+    assert list(stream(model, prompt, max_new_tokens=0, rng=jax.random.key(0))) == []
