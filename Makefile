@@ -58,8 +58,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.recall_sweep --kinds $(RECALL_KINDS)
 	$(PY) -m benchmarks.recall_sweep --kinds $(RECALL_KINDS) --seeds 1
 	$(PY) -m benchmarks.recall_sweep --kinds linear_attention,gla
-	$(PY) -m benchmarks.recall_sweep --kinds attention,gdn --num_kv_pairs 16 --seq_len 128 \
-	  --seeds 1
+	$(PY) -m benchmarks.recall_sweep --kinds attention --num_kv_pairs 16 --seq_len 128 --seeds 1
+	$(PY) -m benchmarks.recall_sweep --kinds gdn --num_kv_pairs 16 --seq_len 128 \
+	  --learning_rates 3e-3 --num_steps 4000 --seeds 0,1
 	$(PY) -m benchmarks.model_comparison --text_steps 300
 	$(PY) -m benchmarks.plots
 
