@@ -47,6 +47,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.optimizer_memory --d_model 768 --num_layers 12 --mlp_dim 2048 \
 	  --vocab_size 32000
 	$(PY) -m benchmarks.optimizer_comparison --steps 300
+	$(PY) -m benchmarks.tail_end_memory --steps 100
+	$(PY) -m benchmarks.tail_end_memory --steps 100 --embeddings gaussian \
+	  --out benchmarks/results/tail_end_memory_gaussian
 	$(BENCH_XLA) $(PY) -m benchmarks.throughput --steps 20
 	$(BENCH_XLA) $(PY) -m benchmarks.layer_cost --lengths=1024,2048,4096,8192,16384,32768 \
 	  --repeats=5 --budget_s=60 --max_memory_gb=4
