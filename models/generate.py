@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from data.text import DOCUMENT_SEPARATOR
 from errors import ArgumentParser, ConfigError, run_cli
 from models.restore import restore
 
@@ -229,9 +230,6 @@ def _extend_and_sample(graphdef, state, tokens, cache, positions, key, *, temper
 
 # ---- the command line ---------------------------------------------------------------------
 
-# Byte-level text data joins documents with this byte (`data.text`): the start of a document.
-DOCUMENT_SEPARATOR = 0
-
 
 def _prompt_tokens(args, config) -> list[int]:
     if args.prompt_tokens:
@@ -241,7 +239,8 @@ def _prompt_tokens(args, config) -> list[int]:
             raise ConfigError(f"--prompt_tokens: expected comma-separated ints, got "
                               f"{args.prompt_tokens!r}") from None  # fmt: skip
     elif config.data.name == "text":
-        tokens = list(args.prompt.encode("utf-8")) or [DOCUMENT_SEPARATOR]
+        # An empty prompt starts a document: byte-level text joins documents with a separator.
+        tokens = list(args.prompt.encode("utf-8")) or list(DOCUMENT_SEPARATOR)
     else:
         raise ConfigError(
             f"--prompt_tokens: data.name={config.data.name!r} has no text tokenizer here "

@@ -66,10 +66,6 @@ class TpuGrid(NamedTuple):
     whole_state: pl.BlockSpec
     scalar_inputs: list
 
-    @property
-    def num_chunks(self) -> int:
-        return self.shape[2]
-
     def token_specs(self, *widths) -> list:
         """BlockSpecs of token arrays [B, H, T', width], one per width."""
         return [self.token_block(width) for width in widths]
