@@ -15,6 +15,7 @@ import pytest
 
 from pallas_kernels import linear_memory
 from pallas_kernels.linear_memory import api
+from tests.pallas_kernels.lowering import lowering_target
 from tests.pallas_kernels.test_linear_memory import (
     RULES,
     assert_close,
@@ -203,11 +204,12 @@ def test_kernels_lower_for_their_platform(platform, dtype):
     checks = (
         [] if platform == "tpu" else [jax.export.DisabledSafetyCheck.custom_call(_TRITON_TARGET)]
     )
-    exported = jax.export.export(
-        jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))),
-        platforms=[export_platform],
-        disabled_checks=checks,
-    )(*_export_args(dtype))
+    with lowering_target(platform):
+        exported = jax.export.export(
+            jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))),
+            platforms=[export_platform],
+            disabled_checks=checks,
+        )(*_export_args(dtype))
     text = exported.mlir_module()
     marker = "tpu_custom_call" if platform == "tpu" else _TRITON_TARGET
     assert text.count(marker) == 2, "expected one forward and one backward kernel"

@@ -24,6 +24,7 @@ import pytest
 from pallas_kernels.neural_memory import chunked, kernel_api, kernel_common, kernel_math
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState
 from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
+from tests.pallas_kernels.lowering import lowering_target
 
 # Tolerances, fixed once: max |actual - expected| <= TOL * max(1, max |expected|), per array.
 # float32: kernel and chunked form differ by summation order, the products-of-factors
@@ -254,11 +255,12 @@ def test_kernels_lower_for_their_platform(platform, dim, dtype):
     checks = (
         [] if platform == "tpu" else [jax.export.DisabledSafetyCheck.custom_call(_TRITON_TARGET)]
     )
-    exported = jax.export.export(
-        jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)))),
-        platforms=[export_platform],
-        disabled_checks=checks,
-    )(*_export_args(dim, dtype))
+    with lowering_target(platform):
+        exported = jax.export.export(
+            jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)))),
+            platforms=[export_platform],
+            disabled_checks=checks,
+        )(*_export_args(dim, dtype))
     marker = "tpu_custom_call" if platform == "tpu" else _TRITON_TARGET
     assert exported.mlir_module().count(marker) == 2, "one forward and one backward kernel"
 
