@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from data import prepared
 from errors import ConfigError
 
 DATASET_NAMES = ("text", "tokens", "mqar")
@@ -16,12 +17,21 @@ def default_config() -> ml_collections.ConfigDict:
     seq_len:          tokens per training sequence (inputs and targets are both this long).
     path:             text: a file or a directory (recursive, sorted, hidden entries skipped);
                       "" = the running interpreter's standard library `*.py` files.
-                      tokens: a `.bin`/`.npy` file or a directory of them. Unused by mqar.
+                      tokens: a `.bin`/`.npy` file or a directory of them, or a directory
+                      `python -m data.prepare` wrote (meta.json: vocab_size, token_dtype,
+                      eos_id and the train/eval split come from it). Unused by mqar.
     eval_path:        held-out data of the same kind; "" = hold out the tail of `path`.
     eval_fraction:    share of the corpus held out when `eval_path` is "" (at least one window).
     token_dtype:      element type of raw `.bin` token files (nanoGPT writes uint16).
-    vocab_size:       tokens: must be set (every token must be < it). text: 0 or 256.
+    vocab_size:       tokens: must be set (every token must be < it), or 0 for a prepared
+                      directory (meta.json's). text: 0 or 256.
                       mqar: 0 or equal to mqar.vocab_size.
+    eos_id:           tokens: the end-of-document token; -1 = meta.json's (prepared data) or
+                      none (raw files: then there are no document boundaries).
+    document_resets:  tokens with an eos: each window carries `segment_ids`, a new segment
+                      starting at every eos input token, so memory blocks reset and
+                      positions restart between documents (packed documents). False: eos is
+                      an ordinary token and state flows across documents.
     max_bytes:        text only: read at most this many bytes of `path` (and of `eval_path`);
                       0 = no cap.
     num_threads:      threads that assemble batches ahead of the training step (0 = inline).
@@ -43,6 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.eval_fraction = 0.01
     config.token_dtype = "uint16"
     config.vocab_size = 0
+    config.eos_id = -1
+    config.document_resets = True
     config.max_bytes = 1 << 25  # 32 MiB: read and joined in well under a second
     config.num_threads = 2
     config.prefetch_batches = 4
@@ -102,14 +114,38 @@ def validate(config) -> None:
     for key in ("max_bytes", "num_threads", "prefetch_batches", "vocab_size"):
         if config[key] < 0:
             raise ConfigError(f"data.{key}: must be >= 0, got {config[key]}")
-    if config.name == "tokens" and config.vocab_size <= 0:
-        raise ConfigError("data.vocab_size: must be set (> 0) for data.name='tokens'")
+    if config.eos_id < -1:
+        raise ConfigError(
+            f"data.eos_id: must be >= 0, or -1 (none / meta.json's), got {config.eos_id}"
+        )
+    if config.name == "tokens":
+        _validate_tokens(config)
     if config.name == "text" and config.vocab_size not in (0, TEXT_VOCAB_SIZE):
         raise ConfigError(
             f"data.vocab_size: byte-level text has 256 tokens, got {config.vocab_size}"
         )
     if config.name == "mqar":
         _validate_mqar(config)
+
+
+def _validate_tokens(config) -> None:
+    if prepared.is_prepared(config.path):
+        meta = prepared.read_meta(config.path)
+        if config.vocab_size not in (0, meta.vocab_size):
+            raise ConfigError(
+                f"data.vocab_size: {config.vocab_size} disagrees with {config.path}/meta.json "
+                f"({meta.vocab_size}); leave it 0 for prepared data"
+            )
+        return
+    if config.vocab_size <= 0:
+        raise ConfigError(
+            "data.vocab_size: must be set (> 0) for data.name='tokens' (or point data.path "
+            "at a directory python -m data.prepare wrote)"
+        )
+    if config.eos_id >= config.vocab_size:
+        raise ConfigError(
+            f"data.eos_id: {config.eos_id} is not < data.vocab_size {config.vocab_size}"
+        )
 
 
 def _validate_mqar(config) -> None:
@@ -151,4 +187,24 @@ def vocab_size(config) -> int:
         return TEXT_VOCAB_SIZE
     if config.name == "mqar":
         return config.mqar.vocab_size
+    if prepared.is_prepared(config.path):
+        return prepared.read_meta(config.path).vocab_size
     return config.vocab_size
+
+
+def token_dtype(config) -> str:
+    """The dtype of raw token files: meta.json's for prepared data, else data.token_dtype."""
+    if prepared.is_prepared(config.path):
+        return prepared.read_meta(config.path).dtype
+    return config.token_dtype
+
+
+def document_eos(config) -> int | None:
+    """The eos id at which windows start a new segment, or None (no document resets)."""
+    if config.name != "tokens" or not config.document_resets:
+        return None
+    if config.eos_id >= 0:
+        return config.eos_id
+    if prepared.is_prepared(config.path):
+        return prepared.read_meta(config.path).eos_id
+    return None

@@ -14,9 +14,9 @@ import sys
 import grain
 import numpy as np
 
-from data import mqar, text, tokens
-from data.config import validate
-from data.windows import Windows, held_out_tail_split
+from data import mqar, prepared, text, tokens
+from data.config import document_eos, token_dtype, validate, vocab_size
+from data.windows import TokenStream, Windows, held_out_tail_split
 from errors import ConfigError
 
 EXAMPLE_STREAM_LENGTH = sys.maxsize  # "infinite": MQAR examples are generated per index
@@ -41,25 +41,44 @@ def _check_sharding(global_batch_size: int, process_index: int, process_count: i
 def read_corpus(data_config, path: str, key: str):
     if data_config.name == "text":
         return text.read_corpus(path, key, data_config.max_bytes)
-    return tokens.read_token_corpus(path, key, data_config.token_dtype, data_config.vocab_size)
+    return tokens.read_token_corpus(path, key, token_dtype(data_config), vocab_size(data_config))
+
+
+def _split_paths(data_config, split: str) -> tuple[str, str] | None:
+    """(path, config key) that holds exactly the `split` tokens, or None when the split is
+    the tail (eval) or all but the tail (train) of data.path."""
+    if split == "eval" and data_config.eval_path:
+        return data_config.eval_path, "data.eval_path"
+    if data_config.name == "tokens" and prepared.is_prepared(data_config.path):
+        return prepared.split_file(data_config.path, split), f"data.path ({split} split)"
+    if data_config.eval_path:
+        return data_config.path, "data.path"
+    return None
+
+
+def corpus_span(data_config, split: str) -> tuple[TokenStream, int, int]:
+    """(stream, start, stop): the "train" or "eval" tokens of a text or token corpus.
+
+    A split read from its own file (data.eval_path, or a prepared directory's train.bin /
+    eval.bin) is the whole stream; otherwise both come from data.path, eval being its tail.
+    """
+    own = _split_paths(data_config, split)
+    if own is not None:
+        stream = read_corpus(data_config, *own)
+        return stream, 0, len(stream)
+    stream = read_corpus(data_config, data_config.path, "data.path")
+    train, held_out = held_out_tail_split(stream, data_config.seq_len, data_config.eval_fraction)
+    del train  # the training part is everything before the held-out tail
+    if split == "train":
+        return stream, 0, held_out.start
+    return stream, held_out.start, len(stream)
 
 
 def _corpus_windows(data_config, split: str) -> Windows:
-    """The "train" or "eval" windows of a text or token corpus.
-
-    With `eval_path` set, each split reads only its own path; otherwise both come from
-    `path`, the eval split being its tail.
-    """
-    if data_config.eval_path:
-        path, key = (data_config.path, "data.path")
-        if split == "eval":
-            path, key = (data_config.eval_path, "data.eval_path")
-        what = "the training corpus" if split == "train" else "the eval corpus"
-        stream = read_corpus(data_config, path, key)
-        return Windows(stream, 0, len(stream), data_config.seq_len, what)
-    stream = read_corpus(data_config, data_config.path, "data.path")
-    train, held_out = held_out_tail_split(stream, data_config.seq_len, data_config.eval_fraction)
-    return train if split == "train" else held_out
+    """The "train" or "eval" windows of a text or token corpus (see `corpus_span`)."""
+    stream, start, stop = corpus_span(data_config, split)
+    what = "the training corpus" if split == "train" else "the eval corpus"
+    return Windows(stream, start, stop, data_config.seq_len, what, eos_id=document_eos(data_config))
 
 
 def _process_batches(

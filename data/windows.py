@@ -81,10 +81,24 @@ class Windows:
     """The `seq_len + 1`-token windows of `stream[start:stop]`, as LM examples.
 
     Callable on a window index (grain maps it over `MapDataset.range(len(windows))`).
+    With `eos_id`, each example also has "segment_ids" [seq_len] int32: a new segment
+    starts at every input position that holds eos, so the eos closing a document opens the
+    next one as its first token (the one that predicts the document's first real token),
+    and nothing of one document is seen while predicting another.
     """
 
-    def __init__(self, stream: TokenStream, start: int, stop: int, seq_len: int, what: str):
+    def __init__(
+        self,
+        stream: TokenStream,
+        start: int,
+        stop: int,
+        seq_len: int,
+        what: str,
+        *,
+        eos_id: int | None = None,
+    ):
         self.stream = stream
+        self.eos_id = eos_id
         self.start = start
         self.seq_len = seq_len
         self.count = max(0, (stop - start - 1) // seq_len)
@@ -100,11 +114,19 @@ class Windows:
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         begin = self.start + index * self.seq_len
         window = self.stream.read(begin, begin + self.seq_len + 1)
-        return {
+        example = {
             "inputs": window[:-1].astype(np.int32),
             "targets": window[1:].astype(np.int32),
             "mask": np.ones(self.seq_len, np.float32),
         }
+        if self.eos_id is not None:
+            example["segment_ids"] = document_segments(example["inputs"], self.eos_id)
+        return example
+
+
+def document_segments(inputs: np.ndarray, eos_id: int) -> np.ndarray:
+    """Segment ids [..., T] int32 of input tokens: +1 at every eos (see `Windows`)."""
+    return np.cumsum(inputs == eos_id, axis=-1, dtype=np.int32)
 
 
 def held_out_tail_split(

@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from data import pipeline
-from data.windows import Windows, held_out_tail_split
+from data.windows import Windows
 from errors import ConfigError, MnemaxError
 from evals import common
 
@@ -42,12 +42,7 @@ def held_out_span(data_config):
             f"data.name: language-modelling evals need a text or tokens corpus, not "
             f"{data_config.name!r}"
         )
-    if data_config.eval_path:
-        stream = pipeline.read_corpus(data_config, data_config.eval_path, "data.eval_path")
-        return stream, 0, len(stream)
-    stream = pipeline.read_corpus(data_config, data_config.path, "data.path")
-    _, held_out = held_out_tail_split(stream, data_config.seq_len, data_config.eval_fraction)
-    return stream, held_out.start, len(stream)
+    return pipeline.corpus_span(data_config, "eval")
 
 
 def length_losses(model, stream, start, stop, *, seq_len, num_windows, batch_size):

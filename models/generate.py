@@ -9,16 +9,21 @@ command line, on a workdir written by train.py (the newest readable checkpoint):
     python -m models.generate --workdir=runs/mqar --prompt_tokens=5,17,9 --greedy
 
 Text runs (data.name=text) are byte-level: the prompt is its UTF-8 bytes (empty: the
-document separator byte 0) and the continuation is printed as UTF-8 as it streams; other
-runs take and print token ids. `sample_logits` turns next-token logits into tokens:
-greedy (argmax), or a draw from softmax(logits / temperature) after optional top-k
-(Fan et al. 2018) and top-p / nucleus (Holtzman et al. 2020) filtering, in that order (the
-order of Hugging Face's samplers, so settings mean the same there and here).
+document separator byte 0). Token runs on a `python -m data.prepare` directory encode the
+prompt with its tokenizer.json (empty: the end-of-document token, i.e. a new document) and
+decode the continuation as it streams; `--tokenizer=FILE` names another tokenizer.json.
+Other runs take --prompt_tokens and print token ids.
+
+`sample_logits` turns next-token logits into tokens: greedy (argmax), or a draw from
+softmax(logits / temperature) after optional top-k (Fan et al. 2018) and top-p / nucleus
+(Holtzman et al. 2020) filtering, in that order (the order of Hugging Face's samplers, so
+settings mean the same there and here).
 """
 
 import codecs
 import functools
 import numbers
+import os
 import sys
 
 import jax
@@ -26,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from data.text import DOCUMENT_SEPARATOR
-from errors import ArgumentParser, ConfigError, run_cli
+from errors import ArgumentParser, ConfigError, DataError, run_cli
 from models.restore import restore
 
 
@@ -231,20 +236,40 @@ def _extend_and_sample(graphdef, state, tokens, cache, positions, key, *, temper
 # ---- the command line ---------------------------------------------------------------------
 
 
-def _prompt_tokens(args, config) -> list[int]:
+def run_tokenizer(config, tokenizer_file: str = ""):
+    """The run's text tokenizer: "bytes" for byte-level text, a `tokenizers.Tokenizer` for
+    token data from `python -m data.prepare` (its tokenizer.json, or `tokenizer_file`), or
+    None (token ids in and out)."""
+    from data import prepare, prepared
+
+    if config.data.name == "text":
+        return "bytes"
+    if not tokenizer_file and config.data.name == "tokens" and config.data.path:
+        candidate = os.path.join(os.path.expanduser(config.data.path), prepared.TOKENIZER_FILE)
+        if prepared.is_prepared(config.data.path) and not os.path.isfile(candidate):
+            raise DataError(f"{candidate}: missing (pass --tokenizer=FILE)")
+        tokenizer_file = candidate if os.path.isfile(candidate) else ""
+    return prepare.load_tokenizer(tokenizer_file) if tokenizer_file else None
+
+
+def _prompt_tokens(args, config, tokenizer) -> list[int]:
     if args.prompt_tokens:
         try:
             tokens = [int(item) for item in args.prompt_tokens.split(",") if item.strip()]
         except ValueError:
             raise ConfigError(f"--prompt_tokens: expected comma-separated ints, got "
                               f"{args.prompt_tokens!r}") from None  # fmt: skip
-    elif config.data.name == "text":
+    elif tokenizer == "bytes":
         # An empty prompt starts a document: byte-level text joins documents with a separator.
         tokens = list(args.prompt.encode("utf-8")) or list(DOCUMENT_SEPARATOR)
+    elif tokenizer is not None:
+        # An empty prompt starts a document too: the eos that ends every prepared document.
+        tokens = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        tokens = tokens or [prepared_eos_id(config)]
     else:
         raise ConfigError(
-            f"--prompt_tokens: data.name={config.data.name!r} has no text tokenizer here "
-            "(only byte-level text runs read --prompt); give the prompt as token ids"
+            f"--prompt_tokens: data.name={config.data.name!r} has no tokenizer here (byte "
+            "text and data.prepare's token directories do); give the prompt as token ids"
         )
     vocab_size = config.model.vocab_size
     if not tokens or not all(0 <= token < vocab_size for token in tokens):
@@ -252,13 +277,47 @@ def _prompt_tokens(args, config) -> list[int]:
     return tokens
 
 
+def prepared_eos_id(config) -> int:
+    from data.prepared import read_meta
+
+    if config.data.eos_id >= 0:
+        return config.data.eos_id
+    return read_meta(config.data.path).eos_id
+
+
+class TextStream:
+    """Turns streamed token ids into the text they add, holding back an unfinished UTF-8
+    character (a byte-level token may end inside one) until the next token completes it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids, self.shown = [], ""
+        self.bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        if self.tokenizer == "bytes":
+            return self.bytes.decode(bytes([token]))
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):  # wait for the rest of the character
+            return ""
+        new, self.shown = text[len(self.shown) :], text
+        return new
+
+    def finish(self) -> str:
+        if self.tokenizer == "bytes":
+            return self.bytes.decode(b"", final=True)
+        return self.tokenizer.decode(self.ids, skip_special_tokens=False)[len(self.shown) :]
+
+
 def main(argv=None) -> None:
     parser = ArgumentParser(
         prog="python -m models.generate", description="Sample from a trained workdir."
     )
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--prompt", default="", help="text runs: the prompt's UTF-8 bytes")
+    parser.add_argument("--prompt", default="", help="text (byte text or a data.prepare run)")
     parser.add_argument("--prompt_tokens", default="", help="comma-separated token ids")
+    parser.add_argument("--tokenizer", default="", help="default: the run's data tokenizer")
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -268,7 +327,8 @@ def main(argv=None) -> None:
     parser.add_argument("--step", type=int, default=None, help="default: the newest")
     args = parser.parse_args(argv)
     restored = restore(args.workdir, args.step)
-    prompt = jnp.asarray([_prompt_tokens(args, restored.config)], jnp.int32)
+    tokenizer = run_tokenizer(restored.config, args.tokenizer)
+    prompt = jnp.asarray([_prompt_tokens(args, restored.config, tokenizer)], jnp.int32)
     tokens = stream(
         restored.model,
         prompt,
@@ -279,17 +339,18 @@ def main(argv=None) -> None:
         top_p=args.top_p,
         greedy=args.greedy,
     )
-    if restored.config.data.name == "text":
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        sys.stdout.write(args.prompt)
-        for token in tokens:
-            sys.stdout.write(decoder.decode(bytes([int(token[0])])))
-            sys.stdout.flush()
-        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-    else:
+    if tokenizer is None:
         for token in tokens:
             print(int(token[0]), end=" ", flush=True)
         print()
+        return
+    text = TextStream(tokenizer)
+    if args.prompt or args.prompt_tokens:  # not the implicit document start of an empty prompt
+        sys.stdout.write("".join(text.add(int(token)) for token in prompt[0]))
+    for token in tokens:
+        sys.stdout.write(text.add(int(token[0])))
+        sys.stdout.flush()
+    sys.stdout.write(text.finish() + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
+from data import prepare
 from evals import common, language_modeling, recall
+from tests.data.test_prepare import DOCUMENTS, write_text_files
 from tests.training.test_train_cli import (
     REPO,
     TINY,
@@ -129,6 +131,44 @@ def test_sampling_cli_streams_text_and_token_ids(text_workdir, mqar_workdir):
     assert_one_line_error(no_ids, 2, "--prompt_tokens", "mqar")
     too_big = run("-m", "models.generate", f"--workdir={mqar_workdir}", "--prompt_tokens=64")
     assert_one_line_error(too_big, 2, "--prompt_tokens", "[0, 64)")
+
+
+@pytest.fixture(scope="module")
+def token_workdir(tmp_path_factory):
+    """A BPE corpus from `python -m data.prepare`, and 2 steps of a Transformer trained on it
+    through data.name=tokens (vocabulary, dtype and eos from its meta.json)."""
+    root = tmp_path_factory.mktemp("tokens")
+    corpus, workdir = root / "corpus", root / "run"
+    write_text_files(root / "texts", DOCUMENTS)
+    prepared = run("-m", "data.prepare", f"--input={root / 'texts'}", f"--output={corpus}",
+                   "--vocab_size=300", "--eval_fraction=0.2")  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    trained = run(
+        "train.py", *TINY, f"--workdir={workdir}", "--config.data.name=tokens",
+        f"--config.data.path={corpus}", "--config.train.num_steps=2",
+        "--config.model.num_layers=1", "--config.eval.every_steps=2",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return corpus, workdir
+
+
+def test_sampling_cli_encodes_and_decodes_with_the_runs_tokenizer(token_workdir):
+    corpus, workdir = token_workdir
+    meta = json.loads((corpus / "meta.json").read_text())
+    assert json.loads((workdir / "config.json").read_text())["model"]["vocab_size"] == 300
+    assert "eval_loss" in read_metrics(workdir)[2]
+    args = ("-m", "models.generate", f"--workdir={workdir}", "--max_new_tokens=20", "--seed=3")
+    sampled = run(*args, "--prompt=The memory")
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert sampled.stdout.startswith("The memory") and len(sampled.stdout) > len("The memory\n")
+    tokenizer = prepare.load_tokenizer(str(corpus / "tokenizer.json"))
+    from_ids = run(
+        *args, "--prompt_tokens=" + ",".join(map(str, tokenizer.encode("The memory").ids))
+    )
+    assert from_ids.stdout == sampled.stdout  # the same prompt, given as its ids
+    assert run(*args, f"--prompt_tokens={meta['vocab_size']}").returncode == 2
+    missing = run(*args, "--prompt=x", f"--tokenizer={corpus / 'nope.json'}")
+    assert_one_line_error(missing, 2, "nope.json: not a loadable tokenizer.json")
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, mqar_workdir, capsys):

@@ -14,7 +14,10 @@ from nbclient import NotebookClient
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
-TINY = 'STEPS = 4\nEVAL_EVERY = 2\nTITANS_STEPS = 2\nTEXT_STEPS = 2\nKIND = "attention"\n'
+TINY = (
+    'STEPS = 4\nEVAL_EVERY = 2\nTITANS_STEPS = 2\nTEXT_STEPS = 2\nKIND = "attention"\n'
+    "CORPUS_DOCS = 40\nBPE_VOCAB = 400\nTOKEN_STEPS = 2\n"
+)
 
 
 def _with_tiny_parameters(notebook):
@@ -55,6 +58,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     )
     assert "parameters" in text  # the model summary printed its parameter count
     assert "query key" in text  # generation ran
+    assert "vocab_size 400, eos id 0, uint16" in text  # the corpus was tokenized
+    assert "Return the" in text  # ... and a model trained on it sampled from the tokenizer
     assert "layer_00 lmm" in text  # the Titans memory was traced
     images = [
         output
