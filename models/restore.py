@@ -51,6 +51,7 @@ def restore(workdir: str, step: int | None = None) -> Restored:
     """
     import orbax.checkpoint as ocp
 
+    workdir = os.path.abspath(workdir)  # Orbax refuses relative paths (`runs/default`)
     config = load_config(workdir)
     steps = checkpoint_steps(workdir)
     if step is not None:

@@ -171,6 +171,15 @@ def test_sampling_cli_encodes_and_decodes_with_the_runs_tokenizer(token_workdir)
     assert_one_line_error(missing, 2, "nope.json: not a loadable tokenizer.json")
 
 
+def test_a_relative_workdir_restores(token_workdir, monkeypatch):
+    """`--workdir=runs/default` as the README writes it (Orbax wants absolute paths)."""
+    from models.restore import restore
+
+    _, workdir = token_workdir
+    monkeypatch.chdir(workdir.parent)
+    assert restore(workdir.name).step == 2
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, mqar_workdir, capsys):
     missing = tmp_path / "nowhere"
     assert_one_line_error(run("-m", "evals.recall", f"--workdir={missing}"), 2, str(missing))
