@@ -10,9 +10,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/default
 PYTEST_ARGS ?=
-# python3.12 from PATH, else from pyenv (which installs it without a python3.12 shim).
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || \
-  ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+# The first python3.12 that runs: on PATH, else pyenv's (whose python3.12 shim on PATH fails
+# unless 3.12 is a selected pyenv version, as on the CI image).
+PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 \
+  2>/dev/null); do $$p -c '' 2>/dev/null && { command -v $$p; break; }; done)
 VENV312 := .venv-py3.12
 STAMP312 := $(VENV312)/.installed
 # What moves with jax releases: Pallas lowering for TPU and CUDA, the memory layers, the
