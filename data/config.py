@@ -199,12 +199,17 @@ def token_dtype(config) -> str:
     return config.token_dtype
 
 
+def eos_id(config) -> int | None:
+    """The end-of-document token of token data: data.eos_id, else meta.json's, else None."""
+    if config.eos_id >= 0:
+        return config.eos_id
+    if config.name == "tokens" and prepared.is_prepared(config.path):
+        return prepared.read_meta(config.path).eos_id
+    return None
+
+
 def document_eos(config) -> int | None:
     """The eos id at which windows start a new segment, or None (no document resets)."""
     if config.name != "tokens" or not config.document_resets:
         return None
-    if config.eos_id >= 0:
-        return config.eos_id
-    if prepared.is_prepared(config.path):
-        return prepared.read_meta(config.path).eos_id
-    return None
+    return eos_id(config)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from data import config as data_config
 from data.text import DOCUMENT_SEPARATOR
 from errors import ArgumentParser, ConfigError, DataError, run_cli
 from models.restore import restore
@@ -265,7 +266,7 @@ def _prompt_tokens(args, config, tokenizer) -> list[int]:
     elif tokenizer is not None:
         # An empty prompt starts a document too: the eos that ends every prepared document.
         tokens = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-        tokens = tokens or [prepared_eos_id(config)]
+        tokens = tokens or [data_config.eos_id(config.data)]
     else:
         raise ConfigError(
             f"--prompt_tokens: data.name={config.data.name!r} has no tokenizer here (byte "
@@ -275,14 +276,6 @@ def _prompt_tokens(args, config, tokenizer) -> list[int]:
     if not tokens or not all(0 <= token < vocab_size for token in tokens):
         raise ConfigError(f"--prompt_tokens: ids must be in [0, {vocab_size}), got {tokens}")
     return tokens
-
-
-def prepared_eos_id(config) -> int:
-    from data.prepared import read_meta
-
-    if config.data.eos_id >= 0:
-        return config.data.eos_id
-    return read_meta(config.data.path).eos_id
 
 
 class TextStream:
