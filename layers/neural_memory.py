@@ -32,8 +32,10 @@ inner loss carries a 1/2 (θ is the delta rule's β), the gradient is taken at t
 memory exp(g_t) M_{t-1} (as Gated DeltaNet), and lr_max = 0.1 caps θ (titans-pytorch's
 training scripts use 0.1; the paper gives no value).
 
-Packed sequences are not supported: the recurrence has no cheap exact reset of M_t to M_0
-at a document boundary, so `segment_ids` raises DataError.
+Packed sequences (`segment_ids`): at each document start the memory restarts from M_0
+with zero momentum and an empty Omega window, a chunk starts there
+(`pallas_kernels.neural_memory.segments`), and the short convolutions do not reach into
+the previous document; the Pallas kernels take no segment_ids, so packed rows run chunked.
 
 Decoding (`init_cache`, `extend`) reproduces the chunked training forward exactly, not the
 exact token rule: the cache keeps the memory at the start of the current chunk and the
@@ -52,7 +54,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from errors import DataError
 from layers.feature_maps import FEATURE_MAPS, PolynomialFeatureMap
 from layers.gated_output import GatedOutput
 from layers.memory_writes import DeepMemoryWrites
@@ -196,11 +197,13 @@ class NeuralMemory(nnx.Module):
 
     # ---- pieces, also used by the Titans blocks (models.titans) --------------------------
 
-    def _conv(self, name, projected, conv_states, new_conv_states):
+    def _conv(self, name, projected, conv_states, new_conv_states, segment_ids=None):
         if self.conv_size == 0:
             return jax.nn.silu(projected)
         conv_state = None if conv_states is None else conv_states[name]
-        y, new_conv_states[name] = getattr(self, f"{name}_conv")(projected, conv_state=conv_state)
+        y, new_conv_states[name] = getattr(self, f"{name}_conv")(
+            projected, conv_state=conv_state, segment_ids=segment_ids
+        )
         return y
 
     def _normalize(self, x):
@@ -208,20 +211,21 @@ class NeuralMemory(nnx.Module):
         x = l2_normalize(x)
         return x if self.feature_map is None else self.feature_map(x)
 
-    def queries(self, x, conv_states=None):
+    def queries(self, x, conv_states=None, segment_ids=None):
         """Read queries only: x [B, T, D] -> (φ(q / ‖q‖) [B, T, H, hd], new conv states)."""
         new_states = {}
-        q = self._conv("query", self.query(x), conv_states, new_states)
+        q = self._conv("query", self.query(x), conv_states, new_states, segment_ids)
         return self._normalize(q.reshape(*x.shape[:2], self.num_heads, -1)), new_states
 
-    def features(self, x, conv_states=None):
+    def features(self, x, conv_states=None, segment_ids=None):
         """x [B, T, D] -> (MemoryInputs: q, k, v [B, T, H, hd]; lr, momentum, log_decay
         [B, T, H] float32 (momentum None for the GD rule); the spec's declared extras
-        (`EXTRA_INPUTS`) [B, T, H] float32, new conv states {query, key, value: [B, K-1, C]})."""
+        (`EXTRA_INPUTS`) [B, T, H] float32, new conv states {query, key, value: [B, K-1, C]}).
+        segment_ids [B, T]: the convolutions stay inside each packed document."""
         heads = (*x.shape[:2], self.num_heads, -1)
-        q, new_states = self.queries(x, conv_states)
-        k = self._conv("key", self.key(x), conv_states, new_states)
-        v = self._conv("value", self.value(x), conv_states, new_states)
+        q, new_states = self.queries(x, conv_states, segment_ids)
+        k = self._conv("key", self.key(x), conv_states, new_states, segment_ids)
+        v = self._conv("value", self.value(x), conv_states, new_states, segment_ids)
         eta = None
         if self.spec.learning_rule.uses_momentum:
             eta = jax.nn.sigmoid(self.momentum(x).astype(jnp.float32))
@@ -250,8 +254,9 @@ class NeuralMemory(nnx.Module):
         initial = {name: param[...] for name, param in self.initial_weights.items()}
         return recurrence.init_state(self.spec, initial, batch_size)
 
-    def recur(self, inputs, state, *, chunk_size=None):
-        """The memory over a sequence from `state` -> (o [B, T, H, hd], final state)."""
+    def recur(self, inputs, state, *, chunk_size=None, segment_ids=None):
+        """The memory over a sequence from `state` -> (o [B, T, H, hd], final state); with
+        segment_ids [B, T] every packed document restarts from `state`'s weights."""
         return recurrence.neural_memory(
             inputs,
             memory=self.spec,
@@ -259,6 +264,7 @@ class NeuralMemory(nnx.Module):
             chunk_size=chunk_size or self.chunk_size,
             output_final_state=True,
             impl=self.impl,
+            segment_ids=segment_ids,
         )
 
     def read(self, state: NeuralMemoryState, q):
@@ -274,14 +280,12 @@ class NeuralMemory(nnx.Module):
         """x [B, T, D] -> (y [B, T, D] in `dtype`, aux: final memory norms, mean over heads).
 
         `chunk_size` overrides the layer's (chunk_size=1 gives the exact token rule).
+        segment_ids [B, T]: packed documents, each run as if alone (module docstring).
         """
-        if segment_ids is not None:
-            raise DataError(
-                "segment_ids: packed sequences are not supported by the Titans neural memory "
-                "(its state cannot be reset at document boundaries); feed one document per row"
-            )
-        inputs, _ = self.features(x)
-        o, final_state = self.recur(inputs, self.initial_state(x.shape[0]), chunk_size=chunk_size)
+        inputs, _ = self.features(x, segment_ids=segment_ids)
+        o, final_state = self.recur(
+            inputs, self.initial_state(x.shape[0]), chunk_size=chunk_size, segment_ids=segment_ids
+        )
         return self.output(o, x), memory_norms(final_state, self.spec)
 
     def init_cache(self, batch_size: int) -> dict:

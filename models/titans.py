@@ -6,8 +6,10 @@ with + SwiGLU(RMSNorm(.)) like `models.lm.TransformerBlock`; the attention is
 `layers.attention` (RoPE, sliding window). Persistent memory (eq. 19) is `num_persistent`
 learned vectors [P, D] in the attention's input space, projected by its W_K, W_V and
 prepended to the keys/values of every query, *without* RoPE (they have no position) and
-always visible (outside the sliding window). Packed sequences (segment_ids) are refused, as
-by the memory layer.
+always visible (outside the sliding window). Packed sequences (segment_ids): lmm, mal and
+mag run each document as if alone (the memory restarts from M_0 at each document start,
+attention stays inside the document; persistent tokens are seen by all); mac refuses them
+(its segments are fixed windows of the row, which a document start would cut).
 
 The gating ⊗ of MAG (eq. 28) and MAC (eq. 25) is the paper's "normalise both outputs with
 learnable vector-valued weights, then a non-linearity": o = W_o(RMSNorm(y) ⊙ σ(RMSNorm(m)))
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from errors import ConfigError, DataError
+from errors import ConfigError
 from layers.attention import (
     Attention,
     attention_mask,
@@ -54,11 +56,6 @@ from models.registry import (
 )
 from pallas_kernels.dispatch import IMPLS
 from pallas_kernels.neural_memory import MemorySpec
-
-
-def reject_packing(segment_ids):
-    if segment_ids is not None:
-        raise DataError("segment_ids: Titans blocks do not support packed sequences")
 
 
 class _Block(nnx.Module):
@@ -143,8 +140,10 @@ class MALBlock(_Block):
     def __call__(self, x, *, positions, segment_ids=None):
         y, aux = self.memory(self.memory_norm(x), segment_ids=segment_ids)
         x = x + y.astype(jnp.float32)
-        x = x + self.attention(self.attention_norm(x), positions=positions).astype(jnp.float32)
-        return self._mlp_residual(x), aux
+        attended = self.attention(
+            self.attention_norm(x), positions=positions, segment_ids=segment_ids
+        )
+        return self._mlp_residual(x + attended.astype(jnp.float32)), aux
 
     def init_cache(self, batch_size: int, max_length: int):
         return {
@@ -224,20 +223,20 @@ class MAGBlock(GatedAttentionBlock):
     """
 
     def __call__(self, x, *, positions, segment_ids=None):
-        reject_packing(segment_ids)
         normed = self.memory_norm(x)
-        remembered, aux = self.memory(normed)
+        remembered, aux = self.memory(normed, segment_ids=segment_ids)
         query, key, value = self.attention.project(normed, positions)
         window = self.attention.window
         if 0 < window and 2 * window < x.shape[1]:  # O(T * window), as `Attention`
             prefix = self.persistent_key_value(x.shape[0], key.shape[2], key.shape[3])
             heads = sliding_window_attention(
-                query, key, value, window=window, prefix_key=prefix[0], prefix_value=prefix[1]
-            )
+                query, key, value, window=window, segment_ids=segment_ids,
+                prefix_key=prefix[0], prefix_value=prefix[1],
+            )  # fmt: skip
             attended = self.attention.output(heads)
         else:
             index = jnp.arange(x.shape[1])
-            mask = attention_mask(index, index, window=window)
+            mask = attention_mask(index, index, window=window, query_segments=segment_ids)
             attended = self.attend(query, key, value, mask)
         return self._mlp_residual(x + self.gate(attended, remembered)), aux
 

@@ -5,7 +5,7 @@ kind "mac". The shared parts (memory construction, gating, options) are in `mode
 import jax
 import jax.numpy as jnp
 
-from errors import ConfigError
+from errors import ConfigError, DataError
 from layers.attention import (
     attention_mask,
 )
@@ -17,7 +17,6 @@ from models.titans import (
     MEMORY_DEFAULTS,
     GatedAttentionBlock,
     register_memory_block,
-    reject_packing,
 )
 
 WRITE_STREAMS = ("attention", "residual")
@@ -69,7 +68,11 @@ class MACBlock(GatedAttentionBlock):
         )
 
     def __call__(self, x, *, positions, segment_ids=None):
-        reject_packing(segment_ids)
+        if segment_ids is not None:  # a document start would cut a segment in two
+            raise DataError(
+                "segment_ids: the mac block does not support packed sequences (its segments "
+                "are fixed windows of the row); set data.document_resets=False or use lmm/mal/mag"
+            )
         outputs, state, _ = self.segments(x, positions)
         return self._mlp_residual(x + outputs), memory_norms(state)
 

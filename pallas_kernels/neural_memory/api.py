@@ -87,6 +87,7 @@ def neural_memory(
     output_final_state: bool = False,
     impl: str = "auto",
     interpret: bool = False,
+    segment_ids=None,
 ):
     """Deep-memory recurrence over a sequence (Titans eqs. 8-18, Miras choices in `memory`).
 
@@ -101,13 +102,20 @@ def neural_memory(
     chunked; they cover only the Titans LMM memory, and say why when they refuse a call;
     `interpret=True` runs them on CPU), "auto" (a kernel where `kernel_api` covers the
     backend, spec and shapes, else chunked). Returns (o [B, T, H, Dv] in v's dtype, final
-    float32 state or None).
+    float32 state or None). segment_ids [B, T] int (packed rows): where the id changes the
+    memory restarts from `initial_state`'s weights with zero momentum and an empty window,
+    and a chunk starts (`segments`); the kernels take none (auto runs chunked).
     """
     check_impl(impl)
     _check_inputs(memory, inputs, initial_state, chunk_size)
-    platform, interpret = kernel_platform(
-        impl, interpret, *kernel_api.kernel_checks(memory, inputs.q, inputs.k, inputs.v, chunk_size)
-    )
+    _check_segments(segment_ids, inputs.q.shape[:2])
+    rejects, covers = kernel_api.kernel_checks(memory, inputs.q, inputs.k, inputs.v, chunk_size)
+    if segment_ids is not None:  # no kernel has document resets
+
+        def rejects(platform):
+            return "segment_ids (packed sequences)"
+
+    platform, interpret = kernel_platform(impl, interpret, rejects, covers)
     # No extra input reaches a kernel: every spec that declares one (check_extras) has a
     # bias or omega_window the kernels reject (`kernel_api.kernel_rejects`).
     if platform is not None:
@@ -118,9 +126,11 @@ def neural_memory(
         return output, (final_state if output_final_state else None)
     inputs = _with_log_decay(inputs)
     if impl == "reference":
-        output, final_state = reference.exact_scan(memory, inputs, initial_state)
+        output, final_state = reference.exact_scan(memory, inputs, initial_state, segment_ids)
     else:
-        output, final_state = chunked.chunked_scan(memory, inputs, initial_state, chunk_size)
+        output, final_state = chunked.chunked_scan(
+            memory, inputs, initial_state, chunk_size, segment_ids
+        )
     return output, (final_state if output_final_state else None)
 
 
@@ -143,6 +153,15 @@ def _check_scalars(spec, inputs: MemoryInputs, leading, layout):
         raise ValueError(f"rule={spec.rule!r} needs a momentum (eta) input; got None")
     if not spec.learning_rule.uses_momentum and inputs.momentum is not None:
         raise ValueError(f"rule={spec.rule!r} takes no momentum input; pass momentum=None")
+
+
+def _check_segments(segment_ids, leading):
+    if segment_ids is None:
+        return
+    if tuple(segment_ids.shape) != tuple(leading):
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}; expected [B, T]={leading}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids has dtype {segment_ids.dtype}; expected integers")
 
 
 def _check_window(spec, state, batch, heads):

@@ -37,6 +37,15 @@ from pallas_kernels.neural_memory.chunked_gradients import (
     window_entries,
 )
 from pallas_kernels.neural_memory.memory_inputs import MemoryInputs, pad_values
+from pallas_kernels.neural_memory.segments import (
+    chunk_pieces,
+    document_starts,
+    mask_window,
+    reset_state,
+    restart_momentum,
+    restart_transfer,
+    where_rows,
+)
 
 
 def _outer_sum(coefficients, inputs, deltas):
@@ -44,19 +53,21 @@ def _outer_sum(coefficients, inputs, deltas):
     return jnp.einsum("...i,...im,...in->...mn", coefficients, inputs, deltas)
 
 
-def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk: MemoryInputs, last):
+def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk: MemoryInputs, last,
+               segments=None):  # fmt: skip
     """One chunk -> (state after token `last`, o [B, H, b, Dv]).
 
     state leaves [B, H, m, n]; chunk: heads-major inputs (q, k, v [B, H, b, D]; the per-token
     scalars [B, H, b], log_decay present); `last`: index of the chunk's last real token (an
-    int or int32 scalar). Padding: `memory_inputs.pad_values`.
+    int or int32 scalar). Padding: `memory_inputs.pad_values`. segments: None, or (the
+    chunk's `segments.Pieces`, the weights M_0 a document starts from) for packed rows.
     """
     if spec.linear_in_chunk:
-        return _linear_chunk_step(spec, state, chunk, last)
-    return chunked_materialised.chunk_step(spec, state, chunk, last)
+        return _linear_chunk_step(spec, state, chunk, last, segments)
+    return chunked_materialised.chunk_step(spec, state, chunk, last, segments)
 
 
-def _linear_chunk_step(spec, state, chunk, last):
+def _linear_chunk_step(spec, state, chunk, last, segments):
     """Steps 1-3 of the module doc (gated_decay with gd or momentum)."""
     query, lr, eta, log_decay = chunk.q, chunk.lr, chunk.momentum, chunk.log_decay
     architecture = spec.memory_architecture
@@ -65,13 +76,21 @@ def _linear_chunk_step(spec, state, chunk, last):
     uses_momentum = spec.learning_rule.uses_momentum
 
     start_decay, transfer = spec.retention_rule.chunk_transfer(log_decay)
+    entries = window_entries(spec, state.window, chunk, last)
+    if segments is not None:
+        pieces, restart_weights = segments
+        start_decay, transfer = restart_transfer(pieces, log_decay, transfer)
+        eta = None if eta is None else restart_momentum(pieces, eta)
+        entries = mask_window(spec, pieces, entries, last)
     coefficients = spec.learning_rule.chunk_coefficients(transfer, eta)
     gamma = start_decay[..., None]  # [B, H, b, 1]: Gamma_t, also gamma_i for the gradients
 
-    entries = window_entries(spec, state.window, chunk, last)
-    factors = gradient_factors(
-        spec, weights, entries, scale=per_entry(spec, start_decay)[..., None]
-    )
+    scale = per_entry(spec, start_decay)[..., None]
+    factors = gradient_factors(spec, weights, entries, scale=scale)
+    if segments is not None:  # a fresh piece's gradients are taken at gamma_t M_0
+        fresh = per_entry(spec, pieces.fresh)[..., None]
+        restarted = gradient_factors(spec, restart_weights, entries, scale=scale)
+        factors = jax.tree.map(lambda a, b: jnp.where(fresh, a, b), restarted, factors)
 
     # Coefficient of the outer product a_e^T delta_e in W_t: C[t, s(e)] * (-theta_s(e)).
     update_weight = per_entry(spec, coefficients.update * (-lr)[..., None, :])
@@ -80,7 +99,10 @@ def _linear_chunk_step(spec, state, chunk, last):
         name = names[index]
         inputs, deltas = factors[index]
         scores = (layer_input @ jnp.swapaxes(inputs, -1, -2)) * update_weight  # [B, H, b, bc]
-        z = gamma * (layer_input @ weights[name]) + scores @ deltas
+        base = layer_input @ weights[name]
+        if segments is not None:
+            base = jnp.where(pieces.fresh[..., None], layer_input @ restart_weights[name], base)
+        z = gamma * base + scores @ deltas
         if uses_momentum:
             z = z + coefficients.carried[..., None] * (layer_input @ momentum[name])
         return z
@@ -95,7 +117,10 @@ def _linear_chunk_step(spec, state, chunk, last):
 
     new_weights, new_momentum = {}, {} if uses_momentum else None
     for name, (inputs, deltas) in zip(names, factors):
-        new = as_factor(at_last(start_decay)) * weights[name]
+        base = weights[name]
+        if segments is not None:
+            base = jnp.where(as_factor(at_last(pieces.fresh)), restart_weights[name], base)
+        new = as_factor(at_last(start_decay)) * base
         new = new + _outer_sum(at_last(update_weight, axis=-2), inputs, deltas)
         if uses_momentum:
             new = new + as_factor(at_last(coefficients.carried)) * momentum[name]
@@ -123,10 +148,12 @@ def _split_chunks(x, num_chunks, chunk_size, pad_value):
     return jnp.moveaxis(x, 2, 0)
 
 
-def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size):
+def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, segment_ids=None):
     """Chunk-parallel form: inputs as `reference.exact_scan` -> (o in v's dtype, final state).
 
     Equals `reference.chunk_start_scan(..., chunk_size)`; with chunk_size 1 the exact rule.
+    segment_ids [B, T]: packed rows, each document restarting from `initial_state`'s weights
+    (`segments`).
     """
     seq_len = inputs.q.shape[1]
     num_chunks = -(-seq_len // chunk_size)
@@ -136,9 +163,23 @@ def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size):
         lambda name, x: _split_chunks(_heads_major(x), num_chunks, chunk_size, pads[name])
     )
     last = jnp.full((num_chunks,), chunk_size - 1).at[-1].set((seq_len - 1) % chunk_size)
-    state, outputs = jax.lax.scan(
-        lambda carry, xs: chunk_step(spec, carry, xs[0], xs[1]), state, (chunks, last)
-    )
+    if segment_ids is None:
+        starts = jnp.zeros((num_chunks,), bool)  # unused: no document starts
+    else:
+        restart = reset_state(spec, state)
+        starts = _split_chunks(document_starts(segment_ids)[:, None], num_chunks, chunk_size, False)
+
+    def step(carry, xs):
+        chunk, chunk_last, chunk_starts = xs
+        if segment_ids is None:
+            return chunk_step(spec, carry, chunk, chunk_last)
+        chunk_starts = chunk_starts[:, 0]  # [B, b]
+        carry = where_rows(chunk_starts[:, 0], restart, carry)  # a document opens the chunk
+        segments = (chunk_pieces(chunk_starts), restart.weights)
+        return chunk_step(spec, carry, chunk, chunk_last, segments)
+
+    scanned = (chunks, last, starts)
+    state, outputs = jax.lax.scan(step, state, scanned)
     batch, heads = outputs.shape[1:3]
     outputs = jnp.moveaxis(outputs, 0, 2).reshape(batch, heads, num_chunks * chunk_size, -1)
     return jnp.moveaxis(outputs[:, :, :seq_len], 2, 1).astype(inputs.v.dtype), state

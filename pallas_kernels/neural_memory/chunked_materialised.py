@@ -41,23 +41,46 @@ from pallas_kernels.neural_memory.chunked_gradients import (
     window_entries,
 )
 from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
+from pallas_kernels.neural_memory.segments import mask_window, restart_momentum, restart_transfer
 
 
-def chunk_step(spec, state: NeuralMemoryState, chunk: MemoryInputs, last):
-    """One chunk, any choices (as `chunked.chunk_step`) -> (state after `last`, o [B, H, b, Dv])."""
+def chunk_step(spec, state: NeuralMemoryState, chunk: MemoryInputs, last, segments=None):
+    """One chunk, any choices (as `chunked.chunk_step`, with its `segments`) -> (state after
+    `last`, o [B, H, b, Dv])."""
     architecture, retention = spec.memory_architecture, spec.retention_rule
     names = architecture.layer_names
 
+    pieces = None
     entries = window_entries(spec, state.window, chunk, last)
-    if retention.gradient_at_retained:  # gamma_t M_{c0}: each weight scaled per token
-        point = state.weights
-        scale = per_entry(spec, jnp.exp(jnp.cumsum(chunk.log_decay, axis=-1)))[..., None]
-    else:  # W_{c0}
-        point, scale = spec.effective_weights(state.weights), 1.0
-    factors = gradient_factors(spec, point, entries, scale)
-    gradients = per_token_gradients(spec, factors, names)
+    start_decay, transfer = retention.chunk_transfer(chunk.log_decay)
+    if segments is not None:
+        pieces, restart_weights = segments
+        start_decay, transfer = restart_transfer(pieces, chunk.log_decay, transfer)
+        if chunk.momentum is not None:
+            chunk = chunk.replace(momentum=restart_momentum(pieces, chunk.momentum))
+        entries = mask_window(spec, pieces, entries, last)
 
-    stored_per_token, momentum_per_token = token_states(spec, state, gradients, chunk)
+    def gradients_at(weights):
+        if retention.gradient_at_retained:  # gamma_t M_{c0}: each weight scaled per token
+            point, scale = weights, per_entry(spec, start_decay)[..., None]
+        else:  # W_{c0}
+            point, scale = spec.effective_weights(weights), 1.0
+        return per_token_gradients(spec, gradient_factors(spec, point, entries, scale), names)
+
+    gradients = gradients_at(state.weights)
+    base = jax.tree.map(lambda w: w[..., None, :, :], state.weights)  # [B, H, 1, m, n]
+    if pieces is not None:  # a fresh piece's tokens continue M_0
+        fresh = pieces.fresh[..., None, None]
+        gradients = jax.tree.map(
+            lambda a, b: jnp.where(fresh, a, b), gradients_at(restart_weights), gradients
+        )
+        base = jax.tree.map(
+            lambda m0, w: jnp.where(fresh, m0[..., None, :, :], w), restart_weights, base
+        )
+
+    stored_per_token, momentum_per_token = token_states(
+        spec, state, gradients, chunk, start_decay, transfer, base
+    )
 
     def at_last(leaf):  # the state after token `last` (rows past it saw only padding)
         return jax.lax.dynamic_index_in_dim(leaf, last, 2, keepdims=False)
@@ -79,11 +102,14 @@ def _apply(coefficients, leaves):
 
 
 def _scaled(factors, leaf):
-    """factors [B, H, b] times a chunk-start leaf [B, H, m, n] -> [B, H, b, m, n]."""
-    return factors[..., None, None] * leaf[..., None, :, :]
+    """factors [B, H, b] times a chunk-start leaf [B, H, m, n] (or per token [B, H, b, m, n]
+    / [B, H, 1, m, n]) -> [B, H, b, m, n]."""
+    if leaf.ndim == factors.ndim + 1:
+        leaf = leaf[..., None, :, :]
+    return factors[..., None, None] * leaf
 
 
-def token_states(spec, state, gradients, chunk):
+def token_states(spec, state, gradients, chunk, start_decay, transfer, base):
     """(stored, momentum) after every token of the chunk, leaves [B, H, b, m, n] (momentum
     None for GD); stored before kl's normalisation (see the module doc). Rows past the
     chunk's last real token have seen padding; no row before them has (lower triangular).
@@ -92,16 +118,19 @@ def token_states(spec, state, gradients, chunk):
         S_t = E_t S0 + sum_{i<=t} P[t, i] w_i (`ChunkCoefficients`).
       muon: S_t = E_t S0 - sum_{i<=t} P[t, i] u_i, U_t = theta_t NS(S_t) for all t as one
         batch, M_t = Gamma_t M0 + sum_{i<=t} A[t, i] U_i.
+
+    start_decay [B, H, b] and transfer [B, H, b, b] are the retention's Gamma and A (per
+    piece in a packed row, `segments`); base: M0 as leaves [B, H, 1 or b, m, n] (per token
+    in a packed row: M_0 in a fresh piece).
     """
     rule, lr = spec.learning_rule, chunk.lr
-    start_decay, transfer = spec.retention_rule.chunk_transfer(chunk.log_decay)
 
     if rule.chunk_coefficients is not None:
         coefficients = rule.chunk_coefficients(transfer, chunk.momentum)
         steps = jax.tree.map(lambda u: -lr[..., None, None] * u, gradients)
         stored = jax.tree.map(
             lambda m0, w: _scaled(start_decay, m0) + _apply(coefficients.update, w),
-            state.weights,
+            base,
             steps,
         )
         if not rule.uses_momentum:
@@ -127,7 +156,7 @@ def token_states(spec, state, gradients, chunk):
     updates = rule.update_from_momentum(momentum, lr)
     stored = jax.tree.map(
         lambda m0, update: _scaled(start_decay, m0) + _apply(transfer, update),
-        state.weights,
+        base,
         updates,
     )
     return stored, momentum

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
 from pallas_kernels.neural_memory.choices_miras import window_tokens
 from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
+from pallas_kernels.neural_memory.segments import document_starts, reset_state, where_rows
 
 
 def window_gradient(spec: MemorySpec, weights, keys, values, bias_inputs=None, gates=None):
@@ -121,37 +122,55 @@ def _time_major(inputs: MemoryInputs) -> MemoryInputs:
     return inputs.map(lambda name, x: jnp.moveaxis(at_least_float32(x), 1, 0))
 
 
-def exact_scan(spec, inputs: MemoryInputs, initial_state):
-    """The exact token rule over a sequence -> (o [B, T, H, Dv] in v's dtype, final state)."""
+def _document_starts(segment_ids, inputs: MemoryInputs):
+    """[T, B] bool: token t opens a document (all False without segment_ids)."""
+    if segment_ids is None:
+        return jnp.zeros(inputs.lr.shape[1::-1], bool)
+    return jnp.moveaxis(document_starts(segment_ids), 1, 0)
 
-    def body(state, token):
+
+def exact_scan(spec, inputs: MemoryInputs, initial_state, segment_ids=None):
+    """The exact token rule over a sequence -> (o [B, T, H, Dv] in v's dtype, final state).
+
+    segment_ids [B, T] (packed rows): where the id changes, the state becomes
+    `segments.reset_state(initial_state)` before the token."""
+    state = jax.tree.map(at_least_float32, initial_state)
+    restart = reset_state(spec, state)
+
+    def body(state, scanned):
+        starts, token = scanned
+        state = where_rows(starts, restart, state)
         output, state = _token(spec, state, None, token)
         return state, output
 
-    state = jax.tree.map(at_least_float32, initial_state)
-    final_state, outputs = jax.lax.scan(body, state, _time_major(inputs))
+    scanned = (_document_starts(segment_ids, inputs), _time_major(inputs))
+    final_state, outputs = jax.lax.scan(body, state, scanned)
     return jnp.moveaxis(outputs, 0, 1).astype(inputs.v.dtype), final_state
 
 
-def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, observe=None):
+def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, observe=None,
+                     segment_ids=None):  # fmt: skip
     """Token by token, but every gradient at the chunk-start point (see the module doc:
     gamma_t M_{c0} for gated_decay, W_{c0} for lq / kl) -> (o, final state).
 
     observe: optional (t, state before token t, state after it, token t's `MemoryInputs`
     [B, H, ...]) -> pytree; given, it runs at every token and (o, final state, observations
     stacked on a leading T axis) is returned (`evals.memory_behaviour` traces retrieval
-    errors with it)."""
+    errors with it). segment_ids [B, T] (packed rows): where the id changes, the state
+    becomes `segments.reset_state(initial_state)` and a chunk starts."""
     seq_len = inputs.q.shape[1]
-    starts_chunk = jnp.arange(seq_len) % chunk_size == 0
+    on_grid = jnp.arange(seq_len) % chunk_size == 0
     retention = spec.retention_rule
+    state = jax.tree.map(at_least_float32, initial_state)
+    restart = reset_state(spec, state)
 
     def body(carry, scanned):
         state, chunk_start_weights, gamma = carry
-        starts, index, token = scanned
-        chunk_start_weights = jax.tree.map(
-            lambda start, now: jnp.where(starts, now, start), chunk_start_weights, state.weights
-        )
-        gamma = jnp.where(starts, 1.0, gamma) * jnp.exp(token.log_decay)
+        grid, document, index, token = scanned
+        state = where_rows(document, restart, state)
+        starts = grid | document  # [B]
+        chunk_start_weights = where_rows(starts, state.weights, chunk_start_weights)
+        gamma = jnp.where(starts[:, None], 1.0, gamma) * jnp.exp(token.log_decay)
         if retention.gradient_at_retained:  # gamma_t M_{c0}
             point = jax.tree.map(lambda w: gamma[..., None, None] * w, chunk_start_weights)
         else:  # W_{c0}
@@ -160,9 +179,9 @@ def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, obse
         observed = None if observe is None else observe(index, state, new_state, token)
         return (new_state, chunk_start_weights, gamma), (output, observed)
 
-    state = jax.tree.map(at_least_float32, initial_state)
     gamma = jnp.ones_like(at_least_float32(inputs.lr[:, 0]))
-    scanned = (starts_chunk, jnp.arange(seq_len), _time_major(inputs))
+    documents = _document_starts(segment_ids, inputs)
+    scanned = (on_grid, documents, jnp.arange(seq_len), _time_major(inputs))
     (final_state, _, _), (outputs, observed) = jax.lax.scan(
         body, (state, state.weights, gamma), scanned
     )
