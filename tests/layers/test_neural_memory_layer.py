@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from errors import DataError
 from layers.neural_memory import NeuralMemory
 from pallas_kernels import linear_memory
 from pallas_kernels.neural_memory import MemorySpec
@@ -139,10 +138,47 @@ def test_gd_rule_without_short_conv_decodes_too():
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=TOL, rtol=TOL)
 
 
-def test_packed_sequences_are_refused():
-    segment_ids = jnp.zeros((BATCH, LENGTH), jnp.int32)
-    with pytest.raises(DataError, match="segment_ids"):
-        _layer()(_inputs(), segment_ids=segment_ids)
+# Rows of two packed documents, 4 and 7 tokens: the second starts on the chunk grid of 4,
+# where chunked packed rows equal the documents run alone
+# (`tests/pallas_kernels/test_neural_memory_packing.py` has the other layouts).
+DOCUMENTS = (4, 7)
+SEGMENT_IDS = jnp.asarray(np.repeat(np.arange(2), DOCUMENTS)[None].repeat(BATCH, 0), jnp.int32)
+
+
+def run_documents_alone(run, x):
+    """run(x [B, n, D]) on each document, concatenated back to [B, T, D]."""
+    bounds = np.cumsum([0, *DOCUMENTS])
+    return jnp.concatenate([run(x[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])], axis=1)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [MemorySpec(), pytest.param(MemorySpec(omega_window=3, rule="muon"), marks=pytest.mark.slow)],
+    ids=["titans", "atlas"],
+)
+def test_packed_documents_equal_documents_run_alone(spec):
+    """Values and parameter gradients: memory, momentum, Omega window and short convs all
+    restart at a document start."""
+    layer, x = _layer(spec, init_std=0.3), _inputs()
+    probe = jax.random.normal(jax.random.key(7), x.shape)
+
+    def packed_loss(layer):
+        y, _ = layer(x, segment_ids=SEGMENT_IDS)
+        return jnp.sum(y * probe), y
+
+    def alone_loss(layer):
+        y = run_documents_alone(lambda piece: layer(piece)[0], x)
+        return jnp.sum(y * probe), y
+
+    (_, packed), packed_grads = nnx.jit(nnx.value_and_grad(packed_loss, has_aux=True))(layer)
+    (_, alone), alone_grads = nnx.jit(nnx.value_and_grad(alone_loss, has_aux=True))(layer)
+    np.testing.assert_allclose(packed, alone, atol=TOL, rtol=TOL)
+    unpacked, _ = nnx.jit(lambda layer: layer(x))(layer)
+    assert float(jnp.max(jnp.abs(unpacked[:, 4:] - packed[:, 4:]))) > 100 * TOL  # it resets
+    for (path, a), (_, e) in zip(nnx.to_flat_state(packed_grads), nnx.to_flat_state(alone_grads)):
+        a, e = np.asarray(a.get_value()), np.asarray(e.get_value())
+        scale = max(1.0, float(np.max(np.abs(e))))
+        assert float(np.max(np.abs(a - e))) <= 1e-4 * scale, path
 
 
 # ---- the ATLAS / Miras choices (layer side: inputs, feature map, decoding) ----------------

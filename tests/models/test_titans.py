@@ -181,8 +181,18 @@ def test_bad_options_name_their_key(kind, key, value, message):
         models.build_model(_config(kind, **{key: value}), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_packed_sequences_are_refused(kind):
+@pytest.mark.parametrize("kind", ["lmm", "mal", "mag"])
+def test_packed_documents_equal_documents_run_alone(kind):
+    """Documents of 4 and 7 tokens (the second on the chunk grid): memory, attention window,
+    positions and persistent tokens all behave as if each document ran alone."""
+    model, tokens = _model(kind), random_tokens()
+    segment_ids = jnp.asarray(np.repeat([0, 1], [4, 7])[None].repeat(BATCH, 0), jnp.int32)
+    packed, _ = nnx.jit(lambda m, t, s: m(t, segment_ids=s))(model, tokens, segment_ids)
+    alone = [nnx.jit(lambda m, t: m(t))(model, part)[0] for part in (tokens[:, :4], tokens[:, 4:])]
+    np.testing.assert_allclose(packed, jnp.concatenate(alone, axis=1), atol=TOL, rtol=TOL)
+
+
+def test_mac_refuses_packed_sequences():
     segment_ids = jnp.zeros((BATCH, LENGTH), jnp.int32)
-    with pytest.raises(DataError, match="segment_ids"):
-        _model(kind)(random_tokens(), segment_ids=segment_ids)
+    with pytest.raises(DataError, match="segment_ids: the mac block"):
+        _model("mac")(random_tokens(), segment_ids=segment_ids)
