@@ -21,8 +21,8 @@ SCORE_CHUNK = 256
 
 
 @nnx.jit
-def _token_scores(model, inputs, targets):
-    hidden, _ = model(inputs)
+def _token_scores(model, inputs, targets, segment_ids):
+    hidden, _ = model(inputs, segment_ids=segment_ids)
     kernel = model.output_kernel().astype(jnp.float32)
     losses, hits = [], []
     for start in range(0, inputs.shape[1], SCORE_CHUNK):
@@ -35,23 +35,25 @@ def _token_scores(model, inputs, targets):
     return jnp.concatenate(losses, axis=1), jnp.concatenate(hits, axis=1)
 
 
-def token_scores(model, inputs, targets, *, batch_size: int = 32):
+def token_scores(model, inputs, targets, *, batch_size: int = 32, segment_ids=None):
     """Per-token next-token loss (nats, float32) and argmax hit (bool), both [N, T] numpy.
 
-    inputs, targets [N, T] int. Rows go through the model `batch_size` at a time (the last
-    batch is padded with copies of its first row, then cut), in float32 logits.
+    inputs, targets [N, T] int; segment_ids [N, T] int or None (packed documents, as the
+    training windows carry them). Rows go through the model `batch_size` at a time (the
+    last batch is padded with copies of its last row, then cut), in float32 logits.
     """
-    inputs, targets = np.asarray(inputs, np.int32), np.asarray(targets, np.int32)
+    arrays = [np.asarray(inputs, np.int32), np.asarray(targets, np.int32)]
+    if segment_ids is not None:
+        arrays.append(np.asarray(segment_ids, np.int32))
     losses, hits = [], []
-    for start in range(0, len(inputs), batch_size):
-        rows = slice(start, start + batch_size)
-        batch_inputs, batch_targets = inputs[rows], targets[rows]
-        count = len(batch_inputs)
+    for start in range(0, len(arrays[0]), batch_size):
+        batch = [x[start : start + batch_size] for x in arrays]
+        count = len(batch[0])
         if count < batch_size:  # one compiled shape for every batch
             pad = [(0, batch_size - count), (0, 0)]
-            batch_inputs = np.pad(batch_inputs, pad, mode="edge")
-            batch_targets = np.pad(batch_targets, pad, mode="edge")
-        loss, hit = jax.device_get(_token_scores(model, batch_inputs, batch_targets))
+            batch = [np.pad(x, pad, mode="edge") for x in batch]
+        batch_segments = batch[2] if segment_ids is not None else None
+        loss, hit = jax.device_get(_token_scores(model, batch[0], batch[1], batch_segments))
         losses.append(loss[:count])
         hits.append(hit[:count])
     return np.concatenate(losses), np.concatenate(hits)

@@ -28,6 +28,7 @@ import math
 import numpy as np
 
 from data import pipeline
+from data.config import document_eos
 from data.windows import Windows
 from errors import ConfigError, MnemaxError
 from evals import common
@@ -45,14 +46,18 @@ def held_out_span(data_config):
     return pipeline.corpus_span(data_config, "eval")
 
 
-def length_losses(model, stream, start, stop, *, seq_len, num_windows, batch_size):
+def length_losses(model, stream, start, stop, *, seq_len, num_windows, batch_size, eos_id=None):
     """Per-position losses [N, seq_len] of the first N <= num_windows windows of
-    stream[start:stop] (DataError if not even one fits)."""
-    windows = Windows(stream, start, stop, seq_len, "the held-out data")
+    stream[start:stop] (DataError if not even one fits). With `eos_id` the windows carry
+    segment_ids, so the model resets at document starts as in training."""
+    windows = Windows(stream, start, stop, seq_len, "the held-out data", eos_id=eos_id)
     examples = [windows(index) for index in range(min(num_windows, len(windows)))]
     inputs = np.stack([e["inputs"] for e in examples])
     targets = np.stack([e["targets"] for e in examples])
-    losses, _ = common.token_scores(model, inputs, targets, batch_size=batch_size)
+    segment_ids = None if eos_id is None else np.stack([e["segment_ids"] for e in examples])
+    losses, _ = common.token_scores(
+        model, inputs, targets, batch_size=batch_size, segment_ids=segment_ids
+    )
     return losses
 
 
@@ -80,6 +85,7 @@ def extrapolation(
                 seq_len=seq_len,
                 num_windows=num_windows * max(multiples) // multiple,
                 batch_size=batch_size,
+                eos_id=document_eos(data_config),
             )
         except MnemaxError as error:  # e.g. no held-out window of this length
             lengths.append({**row, "error": str(error)})

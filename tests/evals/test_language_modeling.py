@@ -70,3 +70,25 @@ def test_mqar_run_has_no_corpus(setup):
     data_config.name = "mqar"
     with pytest.raises(ConfigError, match="data.name"):
         language_modeling.extrapolation(setup[0], data_config)
+
+
+def test_document_resets_reach_the_model(setup):
+    """With an eos id, each held-out window's documents are scored as if alone (attention
+    and positions restart), as the training windows are; without one they are not."""
+    model, config = setup
+    stream, start, stop = language_modeling.held_out_span(config.data)
+    eos, options = ord("\n"), dict(seq_len=SEQ_LEN, num_windows=4, batch_size=2)
+    reset = language_modeling.length_losses(model, stream, start, stop, eos_id=eos, **options)
+    plain = language_modeling.length_losses(model, stream, start, stop, **options)
+    windows = Windows(stream, start, stop, SEQ_LEN, "held out", eos_id=eos)
+    split = 0
+    for index in range(len(reset)):
+        window = windows(index)
+        starts = np.flatnonzero(np.diff(window["segment_ids"])) + 1
+        for a, b in zip([0, *starts], [*starts, SEQ_LEN]):
+            alone, _ = common.token_scores(
+                model, window["inputs"][None, a:b], window["targets"][None, a:b], batch_size=1
+            )
+            np.testing.assert_allclose(reset[index, a:b], alone[0], rtol=1e-5, atol=1e-5)
+        split += len(starts)
+    assert split > 0 and not np.allclose(reset, plain)  # some window held two documents
