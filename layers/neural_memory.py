@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.feature_maps import FEATURE_MAPS, PolynomialFeatureMap
+from layers.feature_maps import feature_dim, make_feature_map
 from layers.gated_output import GatedOutput
 from layers.memory_writes import DeepMemoryWrites
 from layers.norms import l2_normalize
@@ -122,8 +122,10 @@ class NeuralMemory(nnx.Module):
     """Titans' neural memory as a sequence mixer (module docstring). x [B, T, D] -> [B, T, D].
 
     Matmuls run in `dtype` (parameters float32); gates, norms and the memory are float32.
-    `conv_size=0` disables the short convolutions (SiLU is kept). `feature_map`
-    "polynomial" applies ATLAS's φ of degree `feature_degree` to q and k ("identity": none).
+    `conv_size=0` disables the short convolutions (SiLU is kept). `feature_map` applies a φ
+    of degree `feature_degree` to q and k (`layers.feature_maps`): "monomial" (ATLAS's φ_p;
+    q, k become [.., key_dim], key_dim = Σ_i C(hd+i-1, i), and the memory maps key_dim ->
+    head_dim), "polynomial" (element-wise, key_dim = head_dim) or "identity" (none).
     """
 
     def __init__(
@@ -145,10 +147,10 @@ class NeuralMemory(nnx.Module):
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map={feature_map!r}; expected one of {FEATURE_MAPS}")
+        feature_module = make_feature_map(feature_map, num_heads, feature_degree)  # checks
         self.spec = spec
         self.num_heads, self.head_dim = num_heads, head_dim
+        self.key_dim = feature_dim(feature_map, head_dim, feature_degree)  # φ(q), φ(k) width
         self.chunk_size, self.conv_size = chunk_size, conv_size
         self.lr_max, self.impl = lr_max, impl
         self.dtype = dtype
@@ -173,7 +175,7 @@ class NeuralMemory(nnx.Module):
         self.initial_weights = nnx.Dict(
             {
                 name: nnx.Param(init(rngs.params(), (num_heads,) + shape, jnp.float32))
-                for name, shape in spec.weight_shapes(head_dim, head_dim).items()
+                for name, shape in spec.weight_shapes(self.key_dim, head_dim).items()
             }
         )
         self.output = GatedOutput(
@@ -191,9 +193,7 @@ class NeuralMemory(nnx.Module):
             extra = _extra_input(item.name)
             head_linear = linear(num_heads, ("embed", "heads"), bias=extra.bias_init(head_dim))
             setattr(self, extra.attribute, head_linear)
-        self.feature_map = (
-            PolynomialFeatureMap(num_heads, feature_degree) if feature_map == "polynomial" else None
-        )
+        self.feature_map = feature_module
 
     # ---- pieces, also used by the Titans blocks (models.titans) --------------------------
 
@@ -212,14 +212,14 @@ class NeuralMemory(nnx.Module):
         return x if self.feature_map is None else self.feature_map(x)
 
     def queries(self, x, conv_states=None, segment_ids=None):
-        """Read queries only: x [B, T, D] -> (φ(q / ‖q‖) [B, T, H, hd], new conv states)."""
+        """Read queries only: x [B, T, D] -> (φ(q / ‖q‖) [B, T, H, key_dim], new conv states)."""
         new_states = {}
         q = self._conv("query", self.query(x), conv_states, new_states, segment_ids)
         return self._normalize(q.reshape(*x.shape[:2], self.num_heads, -1)), new_states
 
     def features(self, x, conv_states=None, segment_ids=None):
-        """x [B, T, D] -> (MemoryInputs: q, k, v [B, T, H, hd]; lr, momentum, log_decay
-        [B, T, H] float32 (momentum None for the GD rule); the spec's declared extras
+        """x [B, T, D] -> (MemoryInputs: q, k [B, T, H, key_dim], v [B, T, H, hd]; lr, momentum,
+        log_decay [B, T, H] float32 (momentum None for the GD rule); the spec's declared extras
         (`EXTRA_INPUTS`) [B, T, H] float32, new conv states {query, key, value: [B, K-1, C]}).
         segment_ids [B, T]: the convolutions stay inside each packed document."""
         heads = (*x.shape[:2], self.num_heads, -1)
@@ -268,7 +268,7 @@ class NeuralMemory(nnx.Module):
         )
 
     def read(self, state: NeuralMemoryState, q):
-        """M(q) without an update (Titans eq. 15): q [B, T, H, hd] -> [B, T, H, hd] float32.
+        """M(q) without an update (Titans eq. 15): q [B, T, H, key_dim] -> [B, T, H, hd] float32.
 
         `api.read` applies the memory with its effective weights (ℓq / KL retention keep
         an accumulator or log-weights in the state)."""
@@ -295,7 +295,9 @@ class NeuralMemory(nnx.Module):
         # never read: chunk coefficients are causal).
         scalar = (batch_size, self.num_heads, self.chunk_size)
         shapes = dict.fromkeys(("lr", "log_decay"), scalar) | {
-            name: scalar + (self.head_dim,) for name in ("q", "k", "v")
+            "q": scalar + (self.key_dim,),
+            "k": scalar + (self.key_dim,),
+            "v": scalar + (self.head_dim,),
         }
         if self.spec.learning_rule.uses_momentum:
             shapes["momentum"] = scalar

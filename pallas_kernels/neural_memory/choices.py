@@ -301,9 +301,9 @@ def _bind(entry, spec, *function_fields):
 class MemorySpec:
     """The four choices by name (hashable, so it can be a static argument under jit).
 
-    architecture: "matrix" (W: [Dk, Dv]) or "mlp" (needs Dk == Dv = D; `depth` layers, hidden
-    width `expansion * D`, activation "gelu" (exact erf) or "silu", output x + LN(z_L) with a
-    parameter-free LN, eps `norm_eps`).
+    architecture: "matrix" (W: [Dk, Dv]) or "mlp" (needs Dk >= Dv; `depth` layers, hidden
+    width `expansion * Dv`, activation "gelu" (exact erf) or "silu", output x[:Dv] + LN(z_L)
+    with a parameter-free LN, eps `norm_eps`).
     bias: "l2", "dot_product", "lp" (Moneta; `lp_p`, smoothing `lp_eps`) or "huber" (Yaad;
       declares the per-token `huber_delta` input). See `choices_miras`.
     retention: "gated_decay", "lq" (Moneta; `lq_q`, `lq_eps` keeps the norm finite at 0) or
@@ -402,7 +402,9 @@ class MemorySpec:
         """Per-head weight shapes `[d_in, d_out]`, keyed like the state's weight dict."""
         if self.architecture == "matrix":
             return {"W": (key_dim, value_dim)}
-        if key_dim != value_dim:
-            raise ValueError(f"mlp memory needs key_dim == value_dim, got {key_dim}, {value_dim}")
-        widths = [key_dim] + [self.expansion * key_dim] * (self.depth - 1) + [key_dim]
+        if key_dim < value_dim:
+            raise ValueError(f"mlp memory needs key_dim >= value_dim, got {key_dim}, {value_dim}")
+        # Hidden width from Dv: with Dk = Dv as before; with keys through the monomial map
+        # (Dk ~ d^p) the first layer alone carries the Dk-sized weight.
+        widths = [key_dim] + [self.expansion * value_dim] * (self.depth - 1) + [value_dim]
         return {f"W{index + 1}": (widths[index], widths[index + 1]) for index in range(self.depth)}

@@ -80,6 +80,8 @@ class MemoryArchitecture:
     matrix: one layer, M(x) = x W (the linear-attention / DeltaNet state, Titans eq. 12 with
     a linear memory). mlp: M(x) = x + LN(z_L) (Titans §3.1 "deep memory" with residual and
     a parameter-free norm); depth L >= 1 layers, the hidden ones `expansion` times wider.
+    With d_in > d_out (keys through ATLAS's monomial map, `layers.feature_maps`) the residual
+    is x[..., :d_out], the map's degree-1 block: M(φ(x)) = s_1 x + LN(z_L).
     """
 
     layer_names: tuple[str, ...]
@@ -103,7 +105,9 @@ class MemoryArchitecture:
             if index < last:
                 hidden = self.activation.fn(z)
         z_last = pre_activations[-1]
-        output = x + layer_norm(z_last, self.norm_eps) if self.residual_norm else z_last
+        if not self.residual_norm:
+            return z_last, (inputs, pre_activations)
+        output = x[..., : z_last.shape[-1]] + layer_norm(z_last, self.norm_eps)
         return output, (inputs, pre_activations)
 
     def forward(self, weights, x, scale=1.0):

@@ -195,6 +195,11 @@ NEW_CHOICES = {
         {"feature_map": "polynomial", "feature_degree": 3},
     ),
 }
+# ATLAS's monomial φ_p: keys and queries of 16 + 136 = 152 features, the MLP memory 152 -> 32
+# -> 16 with the degree-1 block as its residual (forward, gradients, decoding: ~30 s of CPU).
+RUN_CHOICES = NEW_CHOICES | {
+    "atlas_monomial": (MemorySpec(rule="muon", omega_window=3), {"feature_map": "monomial"}),
+}
 
 
 def test_titans_defaults_build_no_new_parameters():
@@ -208,9 +213,9 @@ def test_titans_defaults_build_no_new_parameters():
     assert set(inputs.named()) == {"q", "k", "v", "lr", "momentum", "log_decay"}
 
 
-@pytest.mark.parametrize("name", NEW_CHOICES)
+@pytest.mark.parametrize("name", RUN_CHOICES)
 def test_new_choices_run_forward_and_backward(name):
-    spec, options = NEW_CHOICES[name]
+    spec, options = RUN_CHOICES[name]
     layer = _layer(spec, init_std=0.3, **options)
     inputs, _ = layer.features(_inputs())
     assert set(inputs.extra) == {item.name for item in spec.extra_inputs}
@@ -242,9 +247,9 @@ def test_new_choices_chunk_size_one_is_the_exact_token_rule(name):
     np.testing.assert_allclose(layer(_inputs(), chunk_size=1)[0], exact, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("name", NEW_CHOICES)
+@pytest.mark.parametrize("name", RUN_CHOICES)
 def test_new_choices_decode_in_pieces_and_single_tokens(name):
-    spec, options = NEW_CHOICES[name]
+    spec, options = RUN_CHOICES[name]
     layer = _layer(spec, init_std=0.3, **options)
     x = _inputs()
     full, _ = layer(x)
@@ -263,3 +268,31 @@ def test_polynomial_degree_one_layer_equals_the_identity_map_layer():
     plain = _layer(spec, init_std=0.3)
     mapped = _layer(spec, init_std=0.3, feature_map="polynomial", feature_degree=1)
     np.testing.assert_array_equal(mapped(_inputs())[0], plain(_inputs())[0])
+
+
+def test_monomial_layer_shapes_and_degree_one_is_the_identity_map_layer():
+    spec = MemorySpec(rule="muon", omega_window=2)
+    layer = _layer(spec, init_std=0.3, feature_map="monomial")
+    assert layer.key_dim == HEAD_DIM + HEAD_DIM * (HEAD_DIM + 1) // 2
+    assert {name: w.shape for name, w in layer.initial_weights.items()} == {
+        "W1": (HEADS, layer.key_dim, 2 * HEAD_DIM),
+        "W2": (HEADS, 2 * HEAD_DIM, HEAD_DIM),
+    }
+    inputs, _ = layer.features(_inputs())
+    assert inputs.q.shape == inputs.k.shape == (BATCH, LENGTH, HEADS, layer.key_dim)
+    assert inputs.v.shape == (BATCH, LENGTH, HEADS, HEAD_DIM)
+    cache = layer.init_cache(BATCH)
+    assert cache["chunk"].k.shape[-1] == layer.key_dim and cache["chunk"].v.shape[-1] == HEAD_DIM
+    # Degree 1, s_1 = 1: φ(x) = x, the same parameters drawn in the same order.
+    plain = _layer(spec, init_std=0.3)
+    mapped = _layer(spec, init_std=0.3, feature_map="monomial", feature_degree=1)
+    np.testing.assert_array_equal(mapped(_inputs())[0], plain(_inputs())[0])
+
+
+@pytest.mark.parametrize("feature_map", ["monomial", "polynomial"])
+def test_bad_feature_degree_names_the_option(feature_map):
+    for degree in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=f"{feature_map} feature map.*degree"):
+            _layer(feature_map=feature_map, feature_degree=degree)
+    with pytest.raises(ValueError, match="feature_map='cubic'"):
+        _layer(feature_map="cubic")

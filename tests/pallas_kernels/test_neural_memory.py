@@ -347,7 +347,7 @@ def test_api_rejects_bad_input():
 
     for changes in (
         dict(k=k[:, :4]),
-        dict(v=v[..., :4]),  # mlp needs Dk == Dv
+        dict(v=v[..., :4]),  # Dv = 4: the state's weights are D -> D
         dict(lr=lr[..., None]),
         dict(momentum=None),
         dict(log_decay=log_decay[:, :3]),
