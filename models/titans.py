@@ -277,7 +277,7 @@ MEMORY_DEFAULTS = {
     "num_heads": 0,
     "head_dim": 0,
     **{name: getattr(_SPEC_DEFAULTS, name) for name in SPEC_OPTIONS},
-    "feature_map": "identity",  # or "polynomial" (ATLAS)
+    "feature_map": "identity",  # or "monomial" (ATLAS's φ_p), "polynomial" (element-wise)
     "feature_degree": 2,
     "chunk_size": 16,
     "conv_size": 4,
