@@ -14,6 +14,9 @@ Time", arXiv 2505.23735):
     atlas     Omega rule (eq. 9: the memory's gradient is that of the γ-gated sum of the
               ℓ2 losses of the last c tokens) + polynomial features φ on q, k (§3.1) +
               Newton-Schulz-orthogonalised momentum (the "Muon" rule, §3.3), gated decay.
+              `feature_map="monomial"` is the paper's φ_p(x) = [x^β]_{|β|<=p} (keys of
+              Σ_i C(d+i-1, i) features); the shipped default is still the element-wise
+              "polynomial" map (`layers.feature_maps`), for the reason below.
     omeganet  the same Omega rule and features, plain gradient descent.
 
 Miras (Behrouz et al. 2025, "It's All Connected: A Journey Through Test-Time Memorization,
@@ -31,7 +34,14 @@ MLP memories; the hidden width here is `expansion` = 2 times the head dim).
 Departures and our choices (the papers give ablations, not single values, or sizes far
 larger than this codebase's tests and CPU runs): Omega window c = 4 and polynomial degree
 p = 2 (the smallest that adds a term) with learnable coefficients initialised to 1/i!
-(`layers.feature_maps`); the Omega gates γ_i are a sigmoid of the token (init 1/2);
+(`layers.feature_maps`); the default map is the element-wise one, which keeps the head
+dimension and so cannot raise capacity past O(d): at head_dim 8 the monomial map stores
+~4x more pairs in a matrix memory but trains MQAR at half the tokens/s, and a 250-step
+MQAR run did not leave the plateau with either (`benchmarks/results/atlas_features.md`),
+so the switch waits for a run long enough to rank them (and it would change the shapes of
+existing ATLAS checkpoints' memories for runs resumed from configs/atlas.py);
+the Omega gates γ_i are a sigmoid of the token (init 1/2), where eq. 9 writes γ_i^(t),
+a gate per (t, i) pair;
 Yaad's δ_t = softplus(x W_δ + b) (init 2√head_dim, twice a typical error at init: see
 `layers.neural_memory` for why not √head_dim);
 Newton-Schulz with Muon's 5 steps and (3.4445, -4.7750, 2.0315); Memora's initial
