@@ -58,8 +58,9 @@ def make_inputs(batch, length, heads, dim, dtype, seed=0):
     )
 
 
-def make_functions(rule, impl, chunk_size):
-    """(forward, forward+backward), both jitted, taking the input dict."""
+def make_functions(rule, impl, chunk_size, interpret=False):
+    """(forward, forward+backward), both jitted, taking the input dict; `interpret` runs a
+    Pallas impl in interpret mode (CPU)."""
     takes_g, takes_beta = RULES[rule]
     fn = getattr(linear_memory, rule)
 
@@ -74,6 +75,7 @@ def make_functions(rule, impl, chunk_size):
             output_final_state=True,
             chunk_size=chunk_size,
             impl=impl,
+            interpret=interpret,
         )
 
     def loss(x):
