@@ -18,7 +18,7 @@ def _worst(row):
 
 
 def _correctness_note(row):
-    if row["status"] == "error":
+    if "error" in row:  # status "error" (the exception's first line) or "skipped"
         return row["error"].splitlines()[0][:200]
     return "; ".join(a["message"][:120] for a in row.get("arrays", []) if not a["ok"])
 

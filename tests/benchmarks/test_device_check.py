@@ -75,6 +75,7 @@ def test_cases_past_the_budget_are_skipped_saying_so(tmp_path):
     assert status == 0
     assert results["correctness"] and results["timing"]
     assert all(row["status"] == "skipped" for row in results["correctness"])
+    assert "| skipped |  |  |  | 0 | time budget spent |" in table
     assert all(row["skipped"] == "time budget spent" for row in results["timing"])
     assert "time budget spent" in table
 
