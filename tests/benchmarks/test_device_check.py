@@ -23,9 +23,10 @@ def test_dry_run_without_gpu_stops_with_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 2, run.stdout + run.stderr
     lines = [line for line in run.stdout.splitlines() if "no GPU visible" in line]
-    assert lines == ["device_check: no GPU visible to jax (devices: [CpuDevice(id=0)])"], (
-        run.stdout + run.stderr
-    )
+    # One line; the CPU device count is whatever XLA_FLAGS the suite runs under.
+    assert len(lines) == 1 and lines[0].startswith(
+        "device_check: no GPU visible to jax (devices: [CpuDevice(id=0)"
+    ), run.stdout + run.stderr
     assert not (tmp_path / "device_check.json").exists()
     assert (tmp_path / "device_check.log").exists()  # what comes back from the device
 
