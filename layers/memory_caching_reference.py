@@ -76,7 +76,7 @@ def forward(layer, x, *, segment_ids=None):
             scale = q.shape[-1] ** -0.5
             reads = [scale * jnp.einsum("blhk,bhkv->blhv", q[:, part], s) for s, _ in cached]
         else:
-            segment_inputs = inputs.map(lambda name, a: a[:, part])
+            segment_inputs = inputs.map(lambda name, a, part=part: a[:, part])
             online, state = layer.memory.recur(segment_inputs, state)
             reads = [
                 layer.memory.read(NeuralMemoryState(w, None, None), q[:, part]) for w, _ in cached
