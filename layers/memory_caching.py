@@ -228,15 +228,21 @@ class _MemoryCaching(nnx.Module):
 
 
 class GatedDeltaNetMemoryCaching(_MemoryCaching):
-    """Gated DeltaNet (`LinearMemory`, rule "gated_deltanet") with memory caching; `options`
-    are LinearMemory's (num_heads, head_dim, ...). x [B, T, D] -> y [B, T, D]."""
+    """A matrix memory (`LinearMemory`, built by the caller; the "gdn_mc" block gives it
+    rule "gated_deltanet") with memory caching. x [B, T, D] -> y [B, T, D]. init_std: of W_u."""
 
-    def __init__(self, d_model, *, segment_size=64, aggregation="grm", top_k=2, rngs, **options):
-        self.memory = LinearMemory(d_model, rule="gated_deltanet", rngs=rngs, **options)
-        self.num_heads, self.key_dim = self.memory.num_heads, self.memory.key_dim
+    def __init__(
+        self, memory: LinearMemory, *, segment_size=64, aggregation="grm", top_k=2,
+        init_std=0.02, rngs,
+    ):  # fmt: skip
+        if memory.normalize:
+            raise ValueError("memory caching reads S^T q: the memory must have normalize=False")
+        self.memory = memory
+        self.num_heads, self.key_dim = memory.num_heads, memory.key_dim
+        d_model = memory.query.in_features
         self._setup(
             d_model, segment_size=segment_size, aggregation=aggregation, top_k=top_k,
-            init_std=options.get("init_std", 0.02), dtype=self.memory.dtype, rngs=rngs,
+            init_std=init_std, dtype=memory.dtype, rngs=rngs,
         )  # fmt: skip
 
     def _features(self, x):
@@ -283,21 +289,24 @@ class GatedDeltaNetMemoryCaching(_MemoryCaching):
 
 
 class NeuralMemoryCaching(_MemoryCaching):
-    """The Titans neural memory (`NeuralMemory`) with memory caching; `options` are
-    NeuralMemory's (num_heads, head_dim, spec, chunk_size, ...). segment_size must be a
-    multiple of chunk_size, so segment ends are chunk ends of the chunked recurrence."""
+    """The Titans neural memory (`NeuralMemory`, built by the caller) with memory caching.
+    segment_size must be a multiple of the memory's chunk_size, so that segment ends are
+    chunk ends of its chunked recurrence. init_std: of W_u."""
 
-    def __init__(self, d_model, *, segment_size=64, aggregation="grm", top_k=2, rngs, **options):
-        self.memory = NeuralMemory(d_model, rngs=rngs, **options)
-        if segment_size % self.memory.chunk_size:
+    def __init__(
+        self, memory: NeuralMemory, *, segment_size=64, aggregation="grm", top_k=2,
+        init_std=0.02, rngs,
+    ):  # fmt: skip
+        if segment_size % memory.chunk_size:
             raise ValueError(
-                f"segment_size={segment_size} must be a multiple of chunk_size="
-                f"{self.memory.chunk_size}"
+                f"segment_size={segment_size} must be a multiple of chunk_size={memory.chunk_size}"
             )
-        self.num_heads, self.key_dim = self.memory.num_heads, self.memory.head_dim
+        self.memory = memory
+        self.num_heads, self.key_dim = memory.num_heads, memory.head_dim
+        d_model = memory.query.in_features
         self._setup(
             d_model, segment_size=segment_size, aggregation=aggregation, top_k=top_k,
-            init_std=options.get("init_std", 0.02), dtype=self.memory.dtype, rngs=rngs,
+            init_std=init_std, dtype=memory.dtype, rngs=rngs,
         )  # fmt: skip
 
     def _features(self, x):

@@ -9,6 +9,7 @@ import ml_collections
 from models import (  # noqa: F401  (importing them registers the block kinds)
     lm,
     matrix_memory_blocks,
+    memory_caching_blocks,
     miras,
     registry,
     titans,

@@ -65,7 +65,7 @@ class _Block(nnx.Module):
         d_model, self.dtype = model_config.d_model, compute_dtype_of(model_config)
         self.config = model_config
         self.memory_norm = RMSNorm(d_model, eps=model_config.norm_eps, dtype=self.dtype, rngs=rngs)
-        self.memory = _build_memory(model_config, block_config, memory_out_std, rngs)
+        self.memory = build_memory(model_config, block_config, memory_out_std, rngs)
         self.mlp_norm = RMSNorm(d_model, eps=model_config.norm_eps, dtype=self.dtype, rngs=rngs)
         self.mlp = SwiGLU(
             d_model,
@@ -297,7 +297,7 @@ def _as_field_type(name, value):
     return value
 
 
-def _build_memory(model_config, block_config, out_init_std, rngs):
+def build_memory(model_config, block_config, out_init_std, rngs):
     """NeuralMemory from the block's options (ConfigError names the option, no prefix)."""
     minimums = (
         ("num_heads", 0),
