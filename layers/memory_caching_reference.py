@@ -2,8 +2,8 @@
 
 An explicit Python loop over segments: run the wrapped memory over one segment from the
 previous segment's final state, then read every cached state separately, score it, select
-(ssc: by rank, not `lax.top_k`), and combine the reads with an explicit softmax, one token
-of the current segment's running mean key at a time. Nothing here is batched over segments
+(ssc: by rank, not `lax.top_k`), and combine the reads with an explicit softmax over that
+list. Nothing here is batched over segments
 or masked, so it cannot share a mistake of the fast form's masks, reshapes or top-k. It
 shares the layer's features, gate projection and output (not what is under test); the Gated
 DeltaNet segments run the token-by-token `reference` recurrence, the neural memory's the
@@ -18,38 +18,28 @@ from pallas_kernels.neural_memory import NeuralMemoryState
 
 
 def _combine(layer, online, reads, cached_means, u, keys):
-    """One segment: online [B, L, H, Dv], reads: a list of [B, L, H, Dv] (one per cached
-    state), cached_means: their mean keys [B, H, Dk], u / keys [B, L, H, Dk]."""
+    """One segment of L tokens: online [B, L, H, Dv], reads: a list of [B, L, H, Dv] (one per
+    cached state), cached_means: their mean keys [B, H, Dk], u / keys [B, L, H, Dk]."""
     if layer.aggregation == "residual":
         return online + sum(reads, jnp.zeros_like(online))
-    outputs = []
-    for j in range(online.shape[1]):
-        current_mean = jnp.mean(keys[:, : j + 1], axis=1)  # causal: the keys so far
-        u_j = u[:, j]
-        scores = [jnp.sum(u_j * mean, axis=-1) for mean in cached_means]  # each [B, H]
-        kept = list(range(len(scores)))
-        if layer.aggregation == "ssc":
-            kept = []
-            for i, score in enumerate(scores):
-                rank = sum((other > score).astype(jnp.int32) for other in scores)
-                kept.append((i, rank < layer.top_k))
-        current = jnp.sum(u_j * current_mean, axis=-1)
-        pairs = [(i, None) for i in kept] if layer.aggregation != "ssc" else kept
-        largest = current
-        for i, mask in pairs:
-            candidate = scores[i] if mask is None else jnp.where(mask, scores[i], current)
-            largest = jnp.maximum(largest, candidate)
-        weight_current = jnp.exp(current - largest)
-        total = weight_current
-        numerator = weight_current[..., None] * online[:, j]
-        for i, mask in pairs:
-            weight = jnp.exp(scores[i] - largest)
-            if mask is not None:
-                weight = jnp.where(mask, weight, 0.0)
-            total = total + weight
-            numerator = numerator + weight[..., None] * reads[i][:, j]
-        outputs.append(numerator / total[..., None])
-    return jnp.stack(outputs, axis=1)
+    seen = jnp.arange(1, keys.shape[1] + 1, dtype=jnp.float32)[None, :, None, None]
+    current_mean = jnp.cumsum(keys, axis=1) / seen  # causal: the segment's keys so far
+    current = jnp.sum(u * current_mean, axis=-1)  # [B, L, H]
+    scores = [jnp.sum(u * mean[:, None], axis=-1) for mean in cached_means]
+    kept = [jnp.ones_like(score, bool) for score in scores]
+    if layer.aggregation == "ssc":  # keep a state if fewer than top_k others score higher
+        ranks = [sum((other > score).astype(jnp.int32) for other in scores) for score in scores]
+        kept = [rank < layer.top_k for rank in ranks]
+    largest = current
+    for score, keep in zip(scores, kept, strict=True):
+        largest = jnp.maximum(largest, jnp.where(keep, score, current))
+    total = jnp.exp(current - largest)
+    numerator = total[..., None] * online
+    for score, keep, read in zip(scores, kept, reads, strict=True):
+        weight = jnp.where(keep, jnp.exp(score - largest), 0.0)
+        total = total + weight
+        numerator = numerator + weight[..., None] * read
+    return numerator / total[..., None]
 
 
 def forward(layer, x, *, segment_ids=None):

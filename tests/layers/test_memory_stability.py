@@ -20,6 +20,7 @@ LENGTH, WIDTH = 4096, 32
 MEMORY_KINDS = (
     ("linear_attention", "gla", "deltanet", "gdn", "mom", "lmm", "mal", "mag", "mac")
     + ("atlas", "omeganet", "moneta", "yaad", "memora")  # models.miras
+    + ("gdn_mc", "lmm_mc")  # models.memory_caching_blocks
 )
 
 

@@ -12,7 +12,7 @@ from models import registry
 
 BATCH, LENGTH, WIDTH = 2, 8, 16
 # What each family's memory writes; the attention kinds train no memory in the forward pass.
-MATRIX_KINDS = ("linear_attention", "gla", "deltanet", "gdn", "mom")
+MATRIX_KINDS = ("linear_attention", "gla", "deltanet", "gdn", "mom", "gdn_mc")
 NO_MEMORY_KINDS = ("attention", "swa")
 
 

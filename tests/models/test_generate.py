@@ -107,6 +107,10 @@ KIND_LENGTH, KIND_CACHE = 11, 16
 # the default since 2026-12-02: 3.9e-5 at 0.3, 3.0e-6 at 0.1); Moneta 5.6e-5 at 0.3, 7.7e-6
 # at 0.1.
 KIND_OVERRIDES = {kind: {"init_std": 0.1} for kind in ("mac", "memora", "moneta")}
+# Memory caching: segments short enough that the 11 tokens cross two segment ends (lmm_mc's
+# segment_size must be a multiple of its chunk_size).
+KIND_OVERRIDES["gdn_mc"] = {"gdn_mc__segment_size": 4}
+KIND_OVERRIDES["lmm_mc"] = {"lmm_mc__segment_size": 4, "lmm_mc__chunk_size": 2}
 
 
 def _kind_model(kind):
