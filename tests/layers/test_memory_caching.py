@@ -131,7 +131,12 @@ def test_aggregate_masks_segments_a_token_cannot_see():
 
 @pytest.mark.parametrize(
     "memory_kind, aggregation",
-    [("gdn", "grm"), ("gdn", "ssc"), ("lmm", "grm"), ("lmm", "residual")],
+    [
+        ("gdn", "ssc"),
+        pytest.param("gdn", "grm", marks=SLOW),
+        pytest.param("lmm", "grm", marks=SLOW),
+        pytest.param("lmm", "residual", marks=SLOW),
+    ],
 )
 def test_prefill_then_decoding_equals_the_full_forward(memory_kind, aggregation):
     layer, x = _layer(memory_kind, aggregation), _inputs(length=13)

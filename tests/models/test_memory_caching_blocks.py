@@ -8,12 +8,13 @@ import pytest
 from flax import nnx
 
 import models
-from configs import memory_caching
+from configs import memory_caching, mqar
 from errors import ConfigError, DataError
 from layers.linear_memory import LinearMemory
 from layers.memory_writes import DeepMemoryWrites, MatrixMemoryWrites
 from layers.neural_memory import NeuralMemory
 from models import registry
+from tests.training.test_recall_learning import final_recall
 
 WIDTH = 16
 
@@ -85,10 +86,10 @@ def test_configs_and_unknown_variant():
 
 
 def test_a_model_of_gdn_mc_blocks_trains():
-    """A few Adam steps on one batch of a 2-layer model lower the loss (gradients reach the
-    whole model through the cached states)."""
+    """A few gradient steps on one batch lower the loss (gradients reach the whole model
+    through the cached states)."""
     config = _model_config("gdn_mc", segment_size=4, chunk_size=4)
-    config.num_layers, config.vocab_size = 2, 32
+    config.vocab_size = 32
     config.block_pattern = ("gdn_mc",)
     model = models.build_model(config, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 32)
@@ -105,7 +106,23 @@ def test_a_model_of_gdn_mc_blocks_trains():
         g for path, g in jax.tree_util.tree_leaves_with_path(grads) if "gate_query" in str(path)
     ]
     assert gate and all(float(jnp.max(jnp.abs(g))) > 0 for g in gate)
-    for _ in range(10):
+    for _ in range(5):
         value, grads = step(params)
-        params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+        params = jax.tree.map(lambda p, g: p - 0.2 * g, params, grads)
     assert np.isfinite(float(value)) and float(step(params)[0]) < float(first) - 0.1
+
+
+@pytest.mark.slow
+def test_gdn_mc_recall_config_recalls(tmp_path):
+    """configs/memory_caching.py:gdn at a seed not measured in the results file reaches
+    Gated DeltaNet's recall target (seeds 0 and 1 were at >= 0.98 by step 600:
+    benchmarks/results/memory_caching.md)."""
+    recall, stdout = final_recall(
+        "--config=configs/memory_caching.py:gdn",
+        tmp_path,
+        "--config.seed=3",
+        "--config.train.num_steps=600",
+        "--config.eval.every_steps=600",
+        timeout=3600,
+    )
+    assert recall >= mqar.RECALL_TARGETS["gdn"], stdout[-2000:]
