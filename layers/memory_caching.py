@@ -156,7 +156,6 @@ class _MemoryCaching(nnx.Module):
         length, count = x.shape[1], x.shape[1] // self.segment_size
         if states is None:  # one partial segment: nothing cached
             reads = jnp.zeros((*online.shape[:2], 0, *online.shape[2:]), jnp.float32)
-            states = None
         else:
             reads = self._read(jax.tree.map(lambda s: jnp.moveaxis(s, 0, 1), states), q)
         segment_of = jnp.arange(length) // self.segment_size
@@ -210,7 +209,7 @@ class _MemoryCaching(nnx.Module):
             slots = jax.tree.map(store, slots, self._cacheable(ended_state))
             slot_keys = store(slot_keys, key_sum / self.segment_size)
             key_sum = jnp.where(ends, 0.0, key_sum)
-            return (memory_cache, slots, slot_keys, key_sum, length + 1), y[:, 0]
+            return (memory_cache, slots, slot_keys, key_sum, length + 1), y[:, 0].astype(o.dtype)
 
         def time_major(a):  # [B, T, ...] -> [T, B, 1, ...]: one token per scan step
             return jnp.moveaxis(a, 1, 0)[:, :, None]
@@ -222,7 +221,7 @@ class _MemoryCaching(nnx.Module):
         carry, y = jax.lax.scan(token_step, carry, scanned)
         memory_cache, slots, slot_keys, key_sum, length = carry
         y = jnp.moveaxis(y, 0, 1)
-        new_cache = {"memory": self._finish_cache(memory_cache, cache["memory"], x)}
+        new_cache = {"memory": self._finish_cache(memory_cache)}
         new_cache.update(slots=slots, slot_keys=slot_keys, key_sum=key_sum, length=length)
         return self._output(y, x), new_cache
 
@@ -284,7 +283,7 @@ class GatedDeltaNetMemoryCaching(_MemoryCaching):
         o, state = self._run(token, memory_cache["state"])
         return o, {**memory_cache, "state": state}, state
 
-    def _finish_cache(self, memory_cache, old, x):
+    def _finish_cache(self, memory_cache):
         return {"state": memory_cache["state"], **memory_cache["conv"]}
 
 
@@ -354,7 +353,7 @@ class NeuralMemoryCaching(_MemoryCaching):
         # chunk_start holds the memory after the segment's last token.
         return o, {**memory_cache, "carried": carried}, carried["chunk_start"]
 
-    def _finish_cache(self, memory_cache, old, x):
+    def _finish_cache(self, memory_cache):
         cache = dict(memory_cache["carried"])
         if self.memory.conv_size > 0:
             cache["conv"] = memory_cache["conv"]
