@@ -22,7 +22,9 @@ SCORE_CHUNK = 256
 
 @nnx.jit
 def _token_scores(model, inputs, targets, segment_ids):
-    hidden, _ = model(inputs, segment_ids=segment_ids)
+    # Only packed rows pass segment_ids: a model without packing support need not take it.
+    packed = {} if segment_ids is None else {"segment_ids": segment_ids}
+    hidden, _ = model(inputs, **packed)
     kernel = model.output_kernel().astype(jnp.float32)
     losses, hits = [], []
     for start in range(0, inputs.shape[1], SCORE_CHUNK):

@@ -139,7 +139,8 @@ def exact_scan(spec, inputs: MemoryInputs, initial_state, segment_ids=None):
 
     def body(state, scanned):
         starts, token = scanned
-        state = where_rows(starts, restart, state)
+        if segment_ids is not None:
+            state = where_rows(starts, restart, state)
         output, state = _token(spec, state, None, token)
         return state, output
 
@@ -167,8 +168,11 @@ def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, obse
     def body(carry, scanned):
         state, chunk_start_weights, gamma = carry
         grid, document, index, token = scanned
-        state = where_rows(document, restart, state)
-        starts = grid | document  # [B]
+        if segment_ids is None:  # the chunk grid alone: one flag for the whole batch
+            starts = jnp.broadcast_to(grid, gamma.shape[:1])
+        else:
+            state = where_rows(document, restart, state)
+            starts = grid | document  # [B]
         chunk_start_weights = where_rows(starts, state.weights, chunk_start_weights)
         gamma = jnp.where(starts[:, None], 1.0, gamma) * jnp.exp(token.log_decay)
         if retention.gradient_at_retained:  # gamma_t M_{c0}

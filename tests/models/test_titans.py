@@ -181,7 +181,15 @@ def test_bad_options_name_their_key(kind, key, value, message):
         models.build_model(_config(kind, **{key: value}), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("kind", ["lmm", "mal", "mag"])
+# mag covers the memory, the sliding-window attention with persistent tokens and positions.
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("lmm", marks=pytest.mark.slow),
+        pytest.param("mal", marks=pytest.mark.slow),
+        "mag",
+    ],
+)
 def test_packed_documents_equal_documents_run_alone(kind):
     """Documents of 4 and 7 tokens (the second on the chunk grid): memory, attention window,
     positions and persistent tokens all behave as if each document ran alone."""
