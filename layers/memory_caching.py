@@ -109,7 +109,11 @@ class _MemoryCaching(nnx.Module):
     of the fast form and token-by-token decoding. Subclasses give `_features`, `_run`,
     `_step`, `_read` and the memory's own cache."""
 
-    def _setup(self, d_model, *, segment_size, aggregation, top_k, init_std, dtype, rngs):
+    def _setup(self, memory, *, segment_size, aggregation, top_k, init_std, rngs):
+        """Keep `memory` (its num_heads, key_dim: the width of its q and k) and the options."""
+        self.memory = memory
+        self.num_heads, self.key_dim = memory.num_heads, memory.key_dim
+        d_model, dtype = memory.query.in_features, memory.dtype
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}")
         if segment_size < 1 or top_k < 1:
@@ -236,12 +240,9 @@ class GatedDeltaNetMemoryCaching(_MemoryCaching):
     ):  # fmt: skip
         if memory.normalize:
             raise ValueError("memory caching reads S^T q: the memory must have normalize=False")
-        self.memory = memory
-        self.num_heads, self.key_dim = memory.num_heads, memory.key_dim
-        d_model = memory.query.in_features
         self._setup(
-            d_model, segment_size=segment_size, aggregation=aggregation, top_k=top_k,
-            init_std=init_std, dtype=memory.dtype, rngs=rngs,
+            memory, segment_size=segment_size, aggregation=aggregation, top_k=top_k,
+            init_std=init_std, rngs=rngs,
         )  # fmt: skip
 
     def _features(self, x):
@@ -300,12 +301,9 @@ class NeuralMemoryCaching(_MemoryCaching):
             raise ValueError(
                 f"segment_size={segment_size} must be a multiple of chunk_size={memory.chunk_size}"
             )
-        self.memory = memory
-        self.num_heads, self.key_dim = memory.num_heads, memory.head_dim
-        d_model = memory.query.in_features
         self._setup(
-            d_model, segment_size=segment_size, aggregation=aggregation, top_k=top_k,
-            init_std=init_std, dtype=memory.dtype, rngs=rngs,
+            memory, segment_size=segment_size, aggregation=aggregation, top_k=top_k,
+            init_std=init_std, rngs=rngs,
         )  # fmt: skip
 
     def _features(self, x):
