@@ -19,6 +19,8 @@ and, only where the `MemorySpec` / options ask for them (ATLAS, Miras):
                                                          Yaad's data-dependent δ_t, Miras §5)
     γ_t     = sigmoid(x_t W_γ + b_γ)                    (Omega-rule gate, omega_window > 1:
                                                          ATLAS eq. 9's γ_i)
+    γ_t^j   = sigmoid(x_t W_γj + b_γj), j < c            (omega_gates="pair": eq. 9's γ_i^(t),
+                                                         token t's gate for window slot j)
 
 The choices themselves (ℓp / Huber bias, ℓq / KL retention, Muon and Omega rules) live in
 `pallas_kernels.neural_memory`; the layer only produces their per-token inputs, as one
@@ -62,6 +64,7 @@ from layers.sharding import projection, with_logical_axes
 from layers.short_conv import ShortConv
 from pallas_kernels import neural_memory as recurrence
 from pallas_kernels.neural_memory import MemoryInputs, MemorySpec, NeuralMemoryState, api
+from pallas_kernels.neural_memory.choices_miras import PAIR_GATE_PREFIX
 from pallas_kernels.neural_memory.chunked import chunk_step
 from pallas_kernels.neural_memory.memory_inputs import from_named, pad_values
 
@@ -358,6 +361,8 @@ class NeuralMemory(nnx.Module):
 
 
 def _extra_input(name: str) -> ExtraInput:
+    if name.startswith(PAIR_GATE_PREFIX):  # one per window slot, made like the Omega gate
+        return EXTRA_INPUTS["omega_gate"]._replace(attribute=name)
     if name not in EXTRA_INPUTS:
         raise ValueError(f"the spec declares a per-token input {name!r} that the layer cannot "
                          f"make; add it to layers.neural_memory.EXTRA_INPUTS")  # fmt: skip

@@ -40,8 +40,9 @@ dimension and so cannot raise capacity past O(d): at head_dim 8 the monomial map
 MQAR run did not leave the plateau with either (`benchmarks/results/atlas_features.md`),
 so the switch waits for a run long enough to rank them (and it would change the shapes of
 existing ATLAS checkpoints' memories for runs resumed from configs/atlas.py);
-the Omega gates γ_i are a sigmoid of the token (init 1/2), where eq. 9 writes γ_i^(t),
-a gate per (t, i) pair;
+the Omega gates γ_i are a sigmoid of the token (init 1/2) by default; eq. 9 writes
+γ_i^(t), a gate per (t, i) pair, which `omega_gates="pair"` builds (token t brings c gates,
+one per slot of its window; the MQAR comparison is in `benchmarks/results/atlas_features.md`);
 Yaad's δ_t = softplus(x W_δ + b) (init 2√head_dim, twice a typical error at init: see
 `layers.neural_memory` for why not √head_dim);
 Newton-Schulz with Muon's 5 steps and (3.4445, -4.7750, 2.0315); Memora's initial

@@ -18,8 +18,8 @@ the non-linearity; W_o is ours, so the block writes the residual at the usual in
 
 Options (`model.<kind>`): the memory's (num_heads, head_dim: 0 = the model's; architecture,
 depth, expansion, activation, bias, lp_p, retention, lq_q, rule, ns_steps, ns_coefficients,
-omega_window: `MemorySpec`; feature_map, feature_degree: `layers.feature_maps`; chunk_size,
-conv_size, lr_max, impl), plus window and rope_theta for the attention (mal, mag),
+omega_window, omega_gates: `MemorySpec`; feature_map, feature_degree: `layers.feature_maps`;
+chunk_size, conv_size, lr_max, impl), plus window and rope_theta for the attention (mal, mag),
 num_persistent (mag, mac) and segment_size (mac). The ATLAS / Miras kinds built from the
 same memory are in `models.miras`. Decoding (`init_cache` / `extend`) exists for all four
 and equals the full forward, chunk for chunk (see `layers.neural_memory` for the

@@ -169,8 +169,13 @@ def to_json(config) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
-def run_differences(saved: dict, current: dict) -> list[str]:
-    """Keys that differ between two configs, ignoring those a resume may change."""
+def run_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """Keys that differ between two configs, ignoring those a resume may change.
+
+    With `defaults` (the code's default config), a key the saved config lacks -- an option
+    added since that run was written -- is no difference while its current value is the
+    default: a new option's default keeps what the code computed before, so an older workdir
+    still resumes after the codebase grows an option."""
 
     def flatten(tree, prefix=""):
         for key, value in tree.items():
@@ -184,5 +189,14 @@ def run_differences(saved: dict, current: dict) -> list[str]:
     def resumable(key):
         return any(key == p or key.startswith(p + ".") for p in RESUMABLE_CHANGES)
 
+    known = dict(flatten(defaults or {}))
+
+    def added_at_default(key):
+        return key not in old and key in known and new.get(key) == known[key]
+
     keys = sorted(set(old) | set(new))
-    return [key for key in keys if not resumable(key) and old.get(key) != new.get(key)]
+    return [
+        key
+        for key in keys
+        if not resumable(key) and not added_at_default(key) and old.get(key) != new.get(key)
+    ]

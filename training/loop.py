@@ -18,6 +18,7 @@ import numpy as np
 
 import data as data_lib
 import optim
+from configs import base
 from errors import CheckpointError, ConfigError, NonFiniteError
 from evals.during_training import TrainingEvals
 from training import calibration, config_validation
@@ -35,7 +36,8 @@ def prepare_workdir(config, workdir: str, *, is_primary: bool) -> None:
     if os.path.exists(config_path):
         with open(config_path) as f:
             saved = json.load(f)
-        changed = config_validation.run_differences(saved, current)
+        defaults = json.loads(config_validation.to_json(base.get_config()))
+        changed = config_validation.run_differences(saved, current, defaults)
         if changed and not config.checkpoint.allow_config_change:
             shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
             raise CheckpointError(

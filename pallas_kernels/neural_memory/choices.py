@@ -311,8 +311,11 @@ class MemorySpec:
     rule: "gd", "momentum" or "muon" (ATLAS; `ns_steps` Newton-Schulz steps with
       `ns_coefficients` (a, b, c)).
     omega_window: ATLAS eq. 9's c: the update at t uses the gradient of
-      sum_{i=t-c+1..t} gamma_i l(M; k_i, v_i) (gamma = the `omega_gate` input, default 1);
-      c = 1 is the online rule.
+      sum_{i=t-c+1..t} gamma_i^(t) l(M; k_i, v_i); c = 1 is the online rule.
+    omega_gates: how gamma_i^(t) is given (omega_window > 1). "token": one gate per token,
+      gamma_i^(t) = gamma_i (the `omega_gate` input, default 1), whatever step reads it;
+      "pair": eq. 9 as written, a gate per (t, i) pair: token t brings c gates, one per slot
+      of its window (inputs `omega_pair_gate_0` .. `_{c-1}`, oldest slot first, default 1).
     """
 
     architecture: str = "mlp"
@@ -331,6 +334,7 @@ class MemorySpec:
     ns_steps: int = 5
     ns_coefficients: tuple[float, float, float] = QUINTIC_COEFFICIENTS  # Muon's
     omega_window: int = 1
+    omega_gates: str = "token"
 
     def __post_init__(self):
         for field, table in (
@@ -359,6 +363,12 @@ class MemorySpec:
         ):  # fmt: skip
             if not valid:
                 raise ValueError(f"MemorySpec.{field}={getattr(self, field)!r}; expected {wanted}")
+        if self.omega_gates not in miras.OMEGA_GATE_KINDS:
+            raise ValueError(f"MemorySpec.omega_gates={self.omega_gates!r}; expected one of "
+                             f"{list(miras.OMEGA_GATE_KINDS)}")  # fmt: skip
+        if self.omega_gates == "pair" and self.omega_window == 1:
+            raise ValueError("MemorySpec.omega_gates='pair'; expected omega_window > 1 (a "
+                             "window of one token has one gate per token)")  # fmt: skip
 
     @property
     def memory_architecture(self) -> MemoryArchitecture:
@@ -390,8 +400,11 @@ class MemorySpec:
     @property
     def extra_inputs(self) -> tuple[TokenInput, ...]:
         """The per-token inputs beyond q, k, v, lr, momentum, log_decay that these choices
-        declare (`MemoryInputs.extra`): the bias's, and the Omega gate for omega_window > 1."""
-        omega = (miras.OMEGA_GATE,) if self.omega_window > 1 else ()
+        declare (`MemoryInputs.extra`): the bias's, and the Omega gate(s) for omega_window > 1
+        (one per token, or c per token with omega_gates="pair")."""
+        omega = ()
+        if self.omega_window > 1:
+            omega = miras.omega_gate_inputs(self.omega_gates, self.omega_window)
         return ATTENTIONAL_BIASES[self.bias].inputs + omega
 
     def effective_weights(self, stored):

@@ -176,6 +176,34 @@ def muon_update(momentum, grads, lr, eta, *, steps, coefficients):
 
 # ATLAS eq. 9's gamma_t, declared by a spec with omega_window > 1 (absent: all ones).
 OMEGA_GATE = TokenInput("omega_gate", pad=0.0, empty=0.0, required=False)
+OMEGA_GATE_KINDS = ("token", "pair")
+PAIR_GATE_PREFIX = "omega_pair_gate_"
+
+
+def omega_gate_inputs(kind, size):
+    """The gate inputs of an Omega window of `size` tokens: `OMEGA_GATE` (kind "token"), or
+    for kind "pair" eq. 9's gamma_i^(t) as `size` per-token inputs: token t's gate for slot
+    j of its window (token t - size + 1 + j, oldest first). The pair gates are the reading
+    token's, so the window never stores them (their `empty` value is never read)."""
+    if kind == "token":
+        return (OMEGA_GATE,)
+    return tuple(
+        TokenInput(f"{PAIR_GATE_PREFIX}{slot}", pad=0.0, empty=0.0, required=False)
+        for slot in range(size)
+    )
+
+
+def pair_gates(spec, inputs):
+    """The pair gates of each token stacked on a last axis of c slots ([..., c]; None when
+    the spec has per-token gates or the call passed none)."""
+    if spec.omega_gates != "pair" or f"{PAIR_GATE_PREFIX}0" not in inputs.extra:
+        return None
+    names = [f"{PAIR_GATE_PREFIX}{slot}" for slot in range(spec.omega_window)]
+    missing = [name for name in names if name not in inputs.extra]
+    if missing:
+        raise ValueError(f"omega_gates='pair' takes all {len(names)} pair gates or none; "
+                         f"missing {missing}")  # fmt: skip
+    return jnp.stack([inputs.extra[name] for name in names], axis=-1)
 
 
 def window_tokens(spec, inputs):

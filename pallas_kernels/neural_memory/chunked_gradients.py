@@ -1,7 +1,8 @@
 """The expensive, parallel part of a chunk: every inner-loss gradient of the chunk at once.
 
 Token s of a chunk of b tokens updates with u_s = sum_{j<c} gamma_{s,j} grad l(P_s; k_{s,j},
-v_{s,j}) over its Omega window (ATLAS eq. 9; c = 1: just its own token), all at the
+v_{s,j}) over its Omega window (gamma_{s,j}: the gate of the slot's token, times token s's
+gate for slot j with `omega_gates="pair"`) (ATLAS eq. 9; c = 1: just its own token), all at the
 chunk-start point P_s (see `reference.chunk_start_scan`). The b*c (token, window slot)
 pairs are laid out as one flat axis of "entries" (token major, window oldest first), the
 memory network runs forward on all of them and is backpropagated by hand
@@ -15,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.neural_memory.choices_miras import window_tokens
+from pallas_kernels.neural_memory.choices_miras import pair_gates, window_tokens
 
 
 class WindowEntries(NamedTuple):
@@ -51,7 +52,11 @@ def window_entries(spec, window, chunk, last) -> WindowEntries:
         for name, x in joined.items()
     }
     bias_inputs = {name: entries[name] for name in bias_names}
-    return WindowEntries(entries["k"], entries["v"], bias_inputs, entries["gate"], carried)
+    gates = entries["gate"]  # gamma_i of each entry's token (0 for the empty window's slots)
+    per_pair = pair_gates(spec, chunk)  # [B, H, b, c]: gamma^(s) of each of token s's slots
+    if per_pair is not None:
+        gates = gates * per_pair.reshape(gates.shape)
+    return WindowEntries(entries["k"], entries["v"], bias_inputs, gates, carried)
 
 
 def per_entry(spec, x):

@@ -107,6 +107,35 @@ def test_hybrid_with_sliding_window_attention_decodes(kind):
     )
 
 
+def test_pair_gates_are_an_option_that_learns_and_decodes():
+    """omega_gates="pair" (ATLAS eq. 9's gamma_i^(t)): one gate projection per window slot,
+    each with a gradient from the LM loss, and cached decoding equals the full forward."""
+    options = (("omega_gates", "pair"), ("omega_window", 3))
+    config = _config(("omeganet",), **dict(options))
+    block = registry.build_block("omeganet", config, layer_index=0, rngs=nnx.Rngs(0))
+    names = [item.name for item in block.memory.spec.extra_inputs]
+    assert names == [f"omega_pair_gate_{slot}" for slot in range(3)]
+    assert not hasattr(block.memory, "omega_gate")
+
+    model = _model(("omeganet",), options)
+    tokens = random_tokens()
+
+    def loss(model):
+        return jnp.mean(jnp.square(logits_of(model, tokens)))
+
+    grads = nnx.grad(loss)(model)
+    memory_grads = grads.blocks[0].memory
+    for name in names:
+        kernel = getattr(memory_grads, name).kernel.value
+        assert float(jnp.max(jnp.abs(kernel))) > 0.0, name
+    np.testing.assert_allclose(
+        decode(model, tokens, (1,) * 3 + (6, 1, 1), max_length=tokens.shape[1]),
+        logits_of(model, tokens),
+        atol=TOL,
+        rtol=TOL,
+    )
+
+
 # Moneta's memory norms do not settle, in either dtype: its lq map (q = 4) gives ||W|| =
 # 1 / ||A|| and, behind the memory's output LN, a gradient ~ 1 / ||W|| = ||A||, so an update
 # is a fixed fraction of the accumulator and nothing restores its scale. Measured over 8 x
@@ -150,6 +179,7 @@ def test_4096_tokens_stay_healthy(kind, dtype):
     [
         ("atlas", "omega_window", 0, "model.atlas.omega_window"),
         ("atlas", "ns_steps", -1, "model.atlas.ns_steps"),
+        ("atlas", "omega_gates", "slot", "model.atlas.omega_gates"),
         ("atlas", "ns_coefficients", (1.0, 2.0), "model.atlas.ns_coefficients"),
         ("omeganet", "feature_map", "cubic", "model.omeganet.feature_map"),
         ("omeganet", "feature_degree", 0, "model.omeganet.feature_degree"),

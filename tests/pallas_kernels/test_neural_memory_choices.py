@@ -56,11 +56,13 @@ SINGLE_CHOICES = {  # the new choices in other combinations, incl. the matrix me
         architecture="matrix", bias="huber", retention="kl", rule="momentum"
     ),
     "muon-omega2-matrix": MemorySpec(architecture="matrix", rule="muon", omega_window=2),
+    "atlas-pair-gates": MemorySpec(omega_window=3, omega_gates="pair", rule="muon"),
 }
 GRADIENT_SPECS = {  # every new input (huber_delta, omega_gate) and choice has a gradient
     "moneta": MODELS["moneta"],
     "memora": MODELS["memora"],
     "atlas-huber": MemorySpec(bias="huber", omega_window=3, rule="muon"),
+    "omeganet-pair-gates": MemorySpec(omega_window=3, omega_gates="pair", rule="gd"),
 }
 # Chunk 8 as well as 4 for the models with the most machinery (the materialised chunk step).
 LARGER_CHUNK = ("atlas", "memora")
@@ -68,7 +70,8 @@ ALL_SPECS = {**MODELS, **SINGLE_CHOICES}
 
 
 def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, batch=BATCH):
-    """(MemoryInputs with the extras the spec declares (huber_delta, omega_gate), state)."""
+    """(MemoryInputs with the extras the spec declares (huber_delta, omega_gate or the pair
+    gates), state)."""
     rng = np.random.default_rng(seed)
 
     def normal(*shape):
@@ -86,6 +89,9 @@ def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, batch=BATCH):
         "huber_delta": 2.0 + 3.0 * jax.nn.sigmoid(normal(*shape)) if spec.bias == "huber" else None,
         "omega_gate": jax.nn.sigmoid(normal(*shape)) if spec.omega_window > 1 else None,
     }
+    if spec.omega_gates == "pair":  # c gates per token instead of one
+        del extras["omega_gate"]
+        extras.update({item.name: jax.nn.sigmoid(normal(*shape)) for item in spec.extra_inputs})
     extras = {name: x for name, x in extras.items() if x is not None}
     shapes = spec.weight_shapes(DIM, DIM)
     spread = (lambda s: 1.0) if spec.retention == "kl" else (lambda s: 1.0 / np.sqrt(s[0]))
@@ -249,9 +255,11 @@ def test_special_cases_reduce_to_l2_and_the_online_rule(impl):
             assert max_relative_error(changed, expected) > 1e-3
 
 
-def omega_gated_delta_rule_numpy(k, v, lr, log_decay, gate, window, initial):
+def omega_gated_delta_rule_numpy(k, v, lr, log_decay, gate, window, initial, pair_gates=None):
     """Matrix memory, l2, GD, Omega window c (ATLAS eq. 9) in float64, written out:
-    S~ = a_t S, S_t = S~ - theta_t sum_i gamma_i k_i (S~^T k_i - v_i)^T, o_t = S_t^T k_t."""
+    S~ = a_t S, S_t = S~ - theta_t sum_i gamma_i^(t) k_i (S~^T k_i - v_i)^T, o_t = S_t^T k_t,
+    gamma_i^(t) = gamma_i (gate [B, T, H]), times token t's gate for slot i - t + c - 1 when
+    `pair_gates` [B, T, H, c] is given."""
     k, v, lr, log_decay, gate = (np.asarray(x, np.float64) for x in (k, v, lr, log_decay, gate))
     keys = np.concatenate([np.asarray(window["k"], np.float64), np.moveaxis(k, 1, 2)], axis=2)
     values = np.concatenate([np.asarray(window["v"], np.float64), np.moveaxis(v, 1, 2)], 2)
@@ -264,7 +272,10 @@ def omega_gated_delta_rule_numpy(k, v, lr, log_decay, gate, window, initial):
         for i in range(t, t + size):  # the window of token t in the joined arrays
             error = np.einsum("bhkv,bhk->bhv", retained, keys[:, :, i]) - values[:, :, i]
             outer = np.einsum("bhk,bhv->bhkv", keys[:, :, i], error)
-            update = update + gates[:, :, i, None, None] * outer
+            weight = gates[:, :, i]
+            if pair_gates is not None:  # token t's own gate for this slot (oldest first)
+                weight = weight * np.asarray(pair_gates, np.float64)[:, t, :, i - t]
+            update = update + weight[..., None, None] * outer
         state = retained - lr[:, t, :, None, None] * update
         outputs.append(np.einsum("bhkv,bhk->bhv", state, k[:, t]))
     return np.stack(outputs, axis=1), state
@@ -280,6 +291,40 @@ def test_omega_rule_matches_a_written_out_window():
     )
     assert max_relative_error(output, expected_output) < F32_TOL
     assert max_relative_error(final.weights["W"], expected_state) < F32_TOL
+
+
+def test_pair_gates_match_a_written_out_window():
+    """omega_gates="pair": eq. 9's gamma_i^(t), token t's gate for each slot of its window."""
+    spec = MemorySpec(architecture="matrix", rule="gd", omega_window=3, omega_gates="pair")
+    inputs, state = make_inputs(spec, seq_len=10, seed=8)
+    names = [item.name for item in spec.extra_inputs]
+    assert names == ["omega_pair_gate_0", "omega_pair_gate_1", "omega_pair_gate_2"]
+    pair_gates = jnp.stack([inputs.extra[name] for name in names], axis=-1)
+    k, v, lr, log_decay = inputs.k, inputs.v, inputs.lr, inputs.log_decay
+    ones = jnp.ones_like(lr)  # no per-token gate: the window's stored gates stay as carried
+    for run in (run_exact, lambda *a: run_chunked(*a, 1)):  # chunk 1 is the exact rule
+        output, final = run(spec, inputs.replace(q=k), state)
+        expected_output, expected_state = omega_gated_delta_rule_numpy(
+            k, v, lr, log_decay, ones, state.window, state.weights["W"], pair_gates
+        )
+        assert max_relative_error(output, expected_output) < F32_TOL
+        assert max_relative_error(final.weights["W"], expected_state) < F32_TOL
+    # Per (t, i) is not per i: the same gates read as token gates give another memory.
+    token_spec = MemorySpec(architecture="matrix", rule="gd", omega_window=3)
+    as_token = inputs.replace(q=k, extra={"omega_gate": pair_gates[..., -1]})
+    assert max_relative_error(run_exact(token_spec, as_token, state)[0], output) > 1e-3
+
+
+def test_pair_gates_need_a_window_and_all_their_slots():
+    with pytest.raises(ValueError, match="omega_gates='pair'; expected omega_window > 1"):
+        MemorySpec(omega_gates="pair")
+    with pytest.raises(ValueError, match="omega_gates='slot'; expected one of"):
+        MemorySpec(omega_window=2, omega_gates="slot")
+    spec = MemorySpec(architecture="matrix", rule="gd", omega_window=3, omega_gates="pair")
+    inputs, state = make_inputs(spec, seq_len=4, seed=8)
+    partial = {"omega_pair_gate_0": inputs.extra["omega_pair_gate_0"]}
+    with pytest.raises(ValueError, match="missing"):
+        run_exact(spec, inputs.replace(extra=partial), state)
 
 
 def test_newton_schulz_matches_optim_and_kl_weights_are_distributions():

@@ -26,9 +26,10 @@ SPECS = {
     "titans": MemorySpec(),
     "matrix-gd": MemorySpec(architecture="matrix", rule="gd"),
     "atlas-huber": MemorySpec(bias="huber", omega_window=3, rule="muon"),
+    "omeganet-pair-gates": MemorySpec(omega_window=3, omega_gates="pair", rule="gd"),
     **MODELS,
 }
-IN_CI = {"titans", "atlas", "memora"}
+IN_CI = {"titans", "atlas", "memora", "omeganet-pair-gates"}
 CHUNK = 4
 # Row 0: starts at 3, 4, 6 (mid-chunk, two in one chunk, a one-token document) and 12 (on
 # the grid); row 1: documents on the grid of 4 (the case where packed equals run alone).

@@ -106,3 +106,17 @@ def test_run_differences_ignore_resumable_keys():
     assert config_validation.run_differences(old, new.to_dict()) == []
     new.model.d_model = 7
     assert config_validation.run_differences(old, new.to_dict()) == ["model.d_model"]
+
+
+def test_an_option_added_since_a_run_resumes_at_its_default():
+    """A workdir written before the codebase grew an option (its config.json lacks the key)
+    resumes while the option is at its default, and is refused once it is not."""
+    defaults = base.get_config().to_dict()
+    old = base.get_config().to_dict()
+    del old["model"]["atlas"]["omega_gates"]  # as written before the option existed
+    new = base.get_config()
+    assert config_validation.run_differences(old, new.to_dict(), defaults) == []
+    assert config_validation.run_differences(old, new.to_dict()) == ["model.atlas.omega_gates"]
+    new.model.atlas.omega_gates = "pair"
+    changed = config_validation.run_differences(old, new.to_dict(), defaults)
+    assert changed == ["model.atlas.omega_gates"]
