@@ -35,11 +35,11 @@ Departures and our choices (the papers give ablations, not single values, or siz
 larger than this codebase's tests and CPU runs): Omega window c = 4 and polynomial degree
 p = 2 (the smallest that adds a term) with learnable coefficients initialised to 1/i!
 (`layers.feature_maps`); the default map is the element-wise one, which keeps the head
-dimension and so cannot raise capacity past O(d): at head_dim 8 the monomial map stores
-~4x more pairs in a matrix memory but trains MQAR at half the tokens/s, and a 250-step
-MQAR run did not leave the plateau with either (`benchmarks/results/atlas_features.md`),
-so the switch waits for a run long enough to rank them (and it would change the shapes of
-existing ATLAS checkpoints' memories for runs resumed from configs/atlas.py);
+dimension and so cannot raise capacity past O(d). Past it the paper's map is what recalls
+(MQAR, 16 pairs at head_dim 8, 2,000 steps: 90% / 69% at seeds 0 / 1 against 7% / 5%), but
+at the configs' 8 pairs and head_dim 32 the element-wise map already recalls 99% and the
+monomial one (Dk 560) makes the layer 3.7x slower (`benchmarks/results/atlas_features.md`);
+so "monomial" is the option for tasks whose pairs exceed the head dimension;
 the Omega gates γ_i are a sigmoid of the token (init 1/2) by default; eq. 9 writes
 γ_i^(t), a gate per (t, i) pair, which `omega_gates="pair"` builds (token t brings c gates,
 one per slot of its window; the MQAR comparison is in `benchmarks/results/atlas_features.md`);
