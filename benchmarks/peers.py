@@ -47,6 +47,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -266,13 +267,15 @@ class Worker:
             env["XLA_FLAGS"] = PINNED_XLA_FLAGS
             if shutil.which("taskset"):
                 command = ["taskset", "-c", "0", *command]
+        # stderr to a file, not a pipe nobody reads (a chatty worker would fill it and block).
+        self.stderr = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             command,
             cwd=REPO,
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             text=True,
         )
         line = self.proc.stdout.readline()
@@ -280,9 +283,11 @@ class Worker:
             message = json.loads(line)
         except json.JSONDecodeError:
             self.proc.stdin.close()
-            tail = self.proc.stderr.read()[-2000:]
             self.proc.wait()
-            self.error = f"worker failed: {tail.strip().splitlines()[-1:] or line!r}"
+            self.stderr.seek(0)
+            tail = self.stderr.read()[-2000:]
+            errors = [t for t in tail.splitlines() if "Error" in t] or tail.splitlines()[-1:]
+            self.error = f"worker failed: {errors[-1] if errors else line!r}"
             self.proc = None
             return
         if message["status"] != "ready":
@@ -544,6 +549,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per round")
     parser.add_argument("--no_check", action="store_true", help="skip the agreement check")
     parser.add_argument("--note", default="", help="a line for the results file")
+    parser.add_argument("--tag", default="", help="a name for this run's section (with --threads)")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -574,7 +580,7 @@ def main(argv=None):
     run["results"] = run_mode(args)
     run["load_end"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     run["other_jobs_end"] = _other_jobs()
-    report["modes"][args.threads] = run
+    report["modes"][f"{args.threads}, {args.tag}" if args.tag else args.threads] = run
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     md_path.write_text(markdown(report))
     print("\n".join(table_lines(run["results"])))
