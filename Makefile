@@ -79,6 +79,8 @@ RECALL_KINDS := attention,deltanet,gdn,yaad,lmm,mag,mal,omeganet,mac,mom
 
 # Long checks and benchmarks: run by hand (several hours on 2 CPU cores); results are
 # written to benchmarks/results/. pytest's exit 5 means "no slow tests", which is fine.
+JLA_PYTHON ?= /tmp/peer-jla/bin/python
+TITANS_PYTHON ?= /tmp/peer-titans/bin/python
 bench: $(STAMP)
 	$(PY) -m pytest -q -m slow tests || test $$? -eq 5
 	XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
@@ -107,6 +109,8 @@ bench: $(STAMP)
 	  --learning_rates 3e-3 --num_steps 4000 --seeds 0,1
 	$(PY) -m benchmarks.model_comparison --text_steps 300
 	$(PY) -m benchmarks.plots
+	# The peers' interpreters: see benchmarks/peers_envs.md (a missing one gives "not importable" rows).
+	$(PY) -m benchmarks.peers --jla_python=$(JLA_PYTHON) --titans_python=$(TITANS_PYTHON) --threads=pinned
 
 clean:
 	rm -rf $(VENV) $(VENV312) build *.egg-info .pytest_cache .ruff_cache
