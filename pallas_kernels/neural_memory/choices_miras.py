@@ -193,17 +193,19 @@ def omega_gate_inputs(kind, size):
     )
 
 
-def pair_gates(spec, inputs):
-    """The pair gates of each token stacked on a last axis of c slots ([..., c]; None when
-    the spec has per-token gates or the call passed none)."""
+def with_pair_gates(spec, gates, inputs):
+    """`gates` (the window slots' own gamma_i, each token's c slots last, oldest first, flat
+    or not) times each token's pair gates for its slots, where the spec has pair gates and
+    the call passed them; otherwise `gates` as they are."""
     if spec.omega_gates != "pair" or f"{PAIR_GATE_PREFIX}0" not in inputs.extra:
-        return None
+        return gates
     names = [f"{PAIR_GATE_PREFIX}{slot}" for slot in range(spec.omega_window)]
     missing = [name for name in names if name not in inputs.extra]
     if missing:
         raise ValueError(f"omega_gates='pair' takes all {len(names)} pair gates or none; "
                          f"missing {missing}")  # fmt: skip
-    return jnp.stack([inputs.extra[name] for name in names], axis=-1)
+    per_pair = jnp.stack([inputs.extra[name] for name in names], axis=-1)  # [..., c]
+    return gates * per_pair.reshape(gates.shape)
 
 
 def window_tokens(spec, inputs):

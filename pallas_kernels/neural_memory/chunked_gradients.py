@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.neural_memory.choices_miras import pair_gates, window_tokens
+from pallas_kernels.neural_memory.choices_miras import window_tokens, with_pair_gates
 
 
 class WindowEntries(NamedTuple):
@@ -52,10 +52,7 @@ def window_entries(spec, window, chunk, last) -> WindowEntries:
         for name, x in joined.items()
     }
     bias_inputs = {name: entries[name] for name in bias_names}
-    gates = entries["gate"]  # gamma_i of each entry's token (0 for the empty window's slots)
-    per_pair = pair_gates(spec, chunk)  # [B, H, b, c]: gamma^(s) of each of token s's slots
-    if per_pair is not None:
-        gates = gates * per_pair.reshape(gates.shape)
+    gates = with_pair_gates(spec, entries["gate"], chunk)  # empty window's slots: 0
     return WindowEntries(entries["k"], entries["v"], bias_inputs, gates, carried)
 
 

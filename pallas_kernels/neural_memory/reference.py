@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
-from pallas_kernels.neural_memory.choices_miras import pair_gates, window_tokens
+from pallas_kernels.neural_memory.choices_miras import window_tokens, with_pair_gates
 from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
 from pallas_kernels.neural_memory.segments import document_starts, reset_state, where_rows
 
@@ -90,10 +90,7 @@ def omega_window_tokens(spec, window, token: MemoryInputs):
         for name, x in full.items()
     }
     bias_inputs = {name: full[name] for name in bias_names}
-    gates = full["gate"]  # gamma_i of each slot's token (0 for the empty window's slots)
-    per_pair = pair_gates(spec, token)  # [B, H, c]: this token's gamma_i^(t) per slot
-    if per_pair is not None:
-        gates = gates * per_pair
+    gates = with_pair_gates(spec, full["gate"], token)  # empty window's slots: 0
     return (full["k"], full["v"], bias_inputs, gates), carried
 
 
