@@ -417,16 +417,6 @@ def _other_jobs():
     return [line for line in out.splitlines() if "benchmarks.peers" not in line]
 
 
-def _cpu_model():
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _fmt(value):
     return f"{value:.4f}" if isinstance(value, float) else "-"
 
@@ -492,7 +482,7 @@ def markdown(report):
             f"## threads={mode}",
             "",
             f"- date: {run['date']}",
-            f"- CPU: {run['cpu']} ({run['cpus']} logical CPUs)",
+            f"- Machine: {run['machine']}",
             f"- command: `{run['command']}`",
             f"- rounds: {run['rounds']} x {run['repeats']} timed step(s) per side and shape",
             f"- load average (1, 5, 15 min) at start: {run['load_start']}, at end: "
@@ -557,13 +547,14 @@ def main(argv=None):
         return None
     args.comparisons = tuple(c for c in args.comparisons.split(",") if c)
 
+    from benchmarks.layer_cost import machine_description  # ours only: a peer never runs main
+
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out / "peers_cpu.json", args.out / "peers_cpu.md"
     report = json.loads(json_path.read_text()) if json_path.exists() else {"modes": {}}
     run = {
         "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-        "cpu": _cpu_model(),
-        "cpus": os.cpu_count(),
+        "machine": machine_description(),
         "command": " ".join(["python -m benchmarks.peers", *(argv or sys.argv[1:])]),
         "rounds": args.rounds,
         "repeats": args.repeats,
