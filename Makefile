@@ -107,7 +107,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.recall_sweep --kinds attention --num_kv_pairs 16 --seq_len 128 --seeds 1
 	$(PY) -m benchmarks.recall_sweep --kinds gdn --num_kv_pairs 16 --seq_len 128 \
 	  --learning_rates 3e-3 --num_steps 4000 --seeds 0,1
+	$(PY) -m benchmarks.recall_sweep --kinds atlas --seeds 1 --cores_per_run 2
 	$(PY) -m benchmarks.model_comparison --text_steps 300
+	$(PY) -m benchmarks.context_parallel
 	$(PY) -m benchmarks.plots
 	# The peers' interpreters: see benchmarks/peers_envs.md (a missing one gives "not importable" rows).
 	$(PY) -m benchmarks.peers --jla_python=$(JLA_PYTHON) --titans_python=$(TITANS_PYTHON) --threads=pinned

@@ -10,9 +10,10 @@ subprocess with overrides for the seed, learning rate and (optionally) the task 
 a larger task than the shipped one (`--num_kv_pairs` / `--seq_len`) the step count is scaled
 by `--steps_multiplier` (Zoology-style: twice the steps at 16 pairs, T 128). Runs go to a
 pool of one worker per CPU core, each pinned to its core with single-threaded XLA, so two
-runs on two cores take the time of one. Each run's eval recall (eval accuracy on the
-held-out MQAR stream: the fraction of queried keys whose value is the argmax) is read from
-its `metrics.jsonl` at every eval step.
+runs on two cores take the time of one; `--cores_per_run 2` instead gives each run two cores
+and XLA's own threads (a slow kind, ATLAS, alone on the machine). Each run's eval recall
+(eval accuracy on the held-out MQAR stream: the fraction of queried keys whose value is the
+argmax) is read from its `metrics.jsonl` at every eval step.
 
 Results accumulate in `benchmarks/results/mqar_recall.{json,md}`: a new run replaces the
 row of the same (kind, pairs, length, batch, lr, seed, steps) and keeps the others, so a sweep can
@@ -84,14 +85,16 @@ def _workdir(job, keep_dir):
     return contextlib.nullcontext(path)
 
 
-def run_one(job: dict, cores: "queue.Queue[int]", keep_dir: str = "") -> dict:
-    """Train one job on a free core; its eval recall per step from metrics.jsonl."""
-    core = cores.get()
+def run_one(job: dict, cores: "queue.Queue[tuple[int, ...]]", keep_dir: str = "") -> dict:
+    """Train one job on a free set of cores; its eval recall per step from metrics.jsonl."""
+    core_set = cores.get()
     try:
         with _workdir(job, keep_dir) as workdir:
             command = [sys.executable, "train.py", f"--config={recall_config(job['kind'])}",
                        f"--workdir={workdir}", *job["overrides"]]  # fmt: skip
-            env = dict(os.environ, XLA_FLAGS=SINGLE_THREADED_XLA, JAX_PLATFORMS="cpu")
+            env = dict(os.environ, JAX_PLATFORMS="cpu")
+            if len(core_set) == 1:
+                env["XLA_FLAGS"] = SINGLE_THREADED_XLA
             start = time.perf_counter()
             result = subprocess.run(
                 command,
@@ -99,7 +102,7 @@ def run_one(job: dict, cores: "queue.Queue[int]", keep_dir: str = "") -> dict:
                 env=env,
                 capture_output=True,
                 text=True,
-                preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+                preexec_fn=lambda: os.sched_setaffinity(0, set(core_set)),
             )
             seconds = time.perf_counter() - start
             curve = {}
@@ -111,7 +114,7 @@ def run_one(job: dict, cores: "queue.Queue[int]", keep_dir: str = "") -> dict:
                         if "eval_accuracy" in record:
                             curve[record["step"]] = record["eval_accuracy"]
     finally:
-        cores.put(core)
+        cores.put(core_set)
     row = {key: job[key] for key in KEY}
     target = mqar.RECALL_TARGETS.get(job["kind"])
     reached = [step for step, value in sorted(curve.items()) if target and value >= target]
@@ -121,6 +124,7 @@ def run_one(job: dict, cores: "queue.Queue[int]", keep_dir: str = "") -> dict:
         target=target,
         step_reached=reached[0] if reached else None,
         seconds=round(seconds, 1),
+        cores=len(core_set),
         returncode=result.returncode,
         error=result.stderr.strip().splitlines()[-1] if result.returncode else "",
         command=" ".join(command[1:]).replace(workdir, "WORKDIR"),
@@ -223,6 +227,7 @@ def main(argv=None):
     parser.add_argument("--evals_per_run", type=int, default=12)
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--cores", type=_ints, default=[], help="CPU cores to pin runs to")
+    parser.add_argument("--cores_per_run", type=int, default=1, help=">1: XLA's own threads")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument(
         "--keep_workdirs",
@@ -237,8 +242,14 @@ def main(argv=None):
         parser.error(f"--kinds: unknown block kinds {unknown}")
 
     cores = queue.Queue()
-    for core in (args.cores or sorted(os.sched_getaffinity(0)))[: args.workers]:
-        cores.put(core)
+    available = args.cores or sorted(os.sched_getaffinity(0))
+    size = args.cores_per_run
+    if size < 1 or size > len(available):
+        parser.error(f"--cores_per_run {size}: between 1 and the {len(available)} cores given")
+    groups = [tuple(available[i : i + size]) for i in range(0, len(available) - size + 1, size)]
+    args.workers = min(args.workers, len(groups))
+    for group in groups[: args.workers]:
+        cores.put(group)
     jobs = jobs_for(args)
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
         futures = [pool.submit(run_one, job, cores, args.keep_workdirs) for job in jobs]

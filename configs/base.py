@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices left over by the other axis
     config.mesh.fsdp = 1
+    # Splits every sequence along T over this many devices (layers.context_parallel): for
+    # sequences too long for one device. Only the kinds in training.sharding's
+    # CONTEXT_PARALLEL_KINDS; train.py refuses the others.
+    config.mesh.context = 1
     # Logical axis name -> mesh axis ("" = replicated). Only "fsdp" shards parameters, so
     # pure data parallel is mesh.fsdp=1 and FSDP is mesh.fsdp=N with no other change.
     config.mesh.rules = ml_collections.ConfigDict(

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import context_parallel
 from layers.rope import apply_rope
 from layers.sharding import projection
 
@@ -199,6 +200,14 @@ class Attention(nnx.Module):
         self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None
     ) -> jax.Array:
         query, key, value = self.project(x, positions)
+        if context_parallel.context_size() > 1:  # T split over the mesh's "context" axis
+            if self.window > 0:
+                heads = context_parallel.halo_sliding_window_attention(
+                    query, key, value, window=self.window, segment_ids=segment_ids
+                )
+            else:
+                heads = context_parallel.ring_attention(query, key, value, segment_ids=segment_ids)
+            return self.output(heads)
         if 0 < self.window and 2 * self.window < x.shape[1]:  # blocks pay off past 2 windows
             heads = sliding_window_attention(
                 query, key, value, window=self.window, segment_ids=segment_ids

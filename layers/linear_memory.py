@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import context_parallel
 from layers.gated_output import GatedOutput
 from layers.memory_writes import MatrixMemoryWrites
 from layers.norms import l2_normalize
@@ -255,7 +256,13 @@ class LinearMemory(MatrixMemoryMixer):
     def __call__(self, x, *, segment_ids=None):
         """x [B, T, D] -> (y [B, T, D] in `dtype`, aux {"state_norm": final state's mean norm})."""
         q, k, v, g, beta, _ = self.features(x, segment_ids=segment_ids)
-        o, final_state = self._recurrence(q, k, v, g, beta, segment_ids=segment_ids)
+        if context_parallel.context_size() > 1:  # T split over the mesh's "context" axis
+            o, final_state = context_parallel.matrix_memory(
+                self.rule, q, k, v, g, beta, segment_ids=segment_ids,
+                chunk_size=self.chunk_size, impl=self.impl, normalize=self.normalize,
+            )  # fmt: skip
+        else:
+            o, final_state = self._recurrence(q, k, v, g, beta, segment_ids=segment_ids)
         memory = final_state[..., : self.value_dim]  # S without the normaliser's z column
         return self.output(o, x), {"state_norm": state_norm(memory)}
 

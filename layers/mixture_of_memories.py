@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import context_parallel
 from layers.linear_memory import (
     DECAY_RULES,
     DELTA_RULES,
@@ -184,15 +185,22 @@ class MixtureOfMemories(MatrixMemoryMixer):
             initial_state = cache["state"].reshape(
                 batch, memories * heads, *cache["state"].shape[3:]
             )
-        o, final_state = recurrences.recurrence(
-            self.rule,
-            *(features[name] for name in ("q", "k", "v", "g", "beta")),
-            initial_state=initial_state,
-            output_final_state=True,
-            segment_ids=segment_ids,
-            chunk_size=min(self.chunk_size, length),
-            impl=self.impl,
-        )
+        inputs = [features[name] for name in ("q", "k", "v", "g", "beta")]
+        if cache is None and context_parallel.context_size() > 1:  # T split over "context"
+            o, final_state = context_parallel.matrix_memory(
+                self.rule, *inputs, segment_ids=segment_ids, chunk_size=self.chunk_size,
+                impl=self.impl,
+            )  # fmt: skip
+        else:
+            o, final_state = recurrences.recurrence(
+                self.rule,
+                *inputs,
+                initial_state=initial_state,
+                output_final_state=True,
+                segment_ids=segment_ids,
+                chunk_size=min(self.chunk_size, length),
+                impl=self.impl,
+            )
         o = o.reshape(batch, length, memories, heads, self.value_dim).astype(jnp.float32)
         mixed = jnp.einsum("btmhv,btm->bthv", o, mix)
         new_cache["state"] = final_state.reshape(

@@ -53,12 +53,21 @@ def prepare_workdir(config, workdir: str, *, is_primary: bool) -> None:
 
 
 def check_layout(config, mesh) -> None:
-    devices = mesh.devices.size
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_batch = config.train.batch_size // config.train.grad_accum_steps
     if micro_batch % devices:
         raise ConfigError(
             f"train.batch_size: {config.train.batch_size} (micro-batch {micro_batch}) is not "
-            f"divisible by the {devices} devices of the mesh (data x fsdp)"
+            f"divisible by the {devices} device groups of the mesh (data x fsdp)"
+        )
+    context = mesh.shape["context"]
+    sharding_lib.check_context_parallel(config, context)
+    if context > jax.local_device_count():
+        # Each process loads whole rows of the batch (data.pipeline), so the shards of a
+        # sequence must sit on one process's devices.
+        raise ConfigError(
+            f"mesh.context={context}: more than this process's {jax.local_device_count()} "
+            "devices; a sequence is split only across one host's devices"
         )
     if config.train.batch_size % jax.process_count():
         raise ConfigError(
@@ -160,6 +169,7 @@ def run(config, workdir: str) -> dict[str, float]:
         donate_argnums=0,
     )
     eval_step = jax.jit(make_eval_step(spec), in_shardings=(state_shardings.params, batch_sharding))
+    train_step, eval_step = (sharding_lib.under_mesh(mesh, f) for f in (train_step, eval_step))
 
     step = int(state.step)
     tokens_per_step = config.train.batch_size * config.data.seq_len

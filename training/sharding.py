@@ -1,9 +1,10 @@
 """The device mesh and how parameters and batches are laid out on it.
 
-A `Mesh` with axes ("data", "fsdp"). Batches are split over both axes (every device holds
-a distinct slice of the global batch). Parameters are split according to their logical
-axis names and the rules table `config.mesh.rules`; with `mesh.fsdp = 1` every parameter
-is replicated and training is pure data parallel.
+A `Mesh` with axes ("data", "fsdp", "context"). Batches are split over "data" and "fsdp"
+(every device group holds a distinct slice of the global batch) and, along T, over
+"context" (`layers.context_parallel`: each sequence split across devices). Parameters are
+split according to their logical axis names and the rules table `config.mesh.rules`; with
+`mesh.fsdp = 1` every parameter is replicated and training is pure data parallel.
 """
 
 import math
@@ -13,40 +14,67 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from errors import ConfigError
+from layers.context_parallel import BATCH_AXES, CONTEXT_AXIS
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = (*BATCH_AXES, CONTEXT_AXIS)
+
+# Block kinds whose token mixing `layers.context_parallel` splits along T, and why the rest
+# cannot be split yet.
+CONTEXT_PARALLEL_KINDS = ("attention", "swa", "linear_attention", "gla", "deltanet", "gdn", "mom")
+NOT_SPLIT = (
+    "its memory's state map is not affine in the incoming state, so shards must run in "
+    "time order (a pipeline over the batch, not built yet)"
+)
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
-    """Resolve `mesh.data` / `mesh.fsdp` (one of them may be -1) against the device count."""
-    sizes = {"data": mesh_config.data, "fsdp": mesh_config.fsdp}
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+    """Resolve `mesh.data` / `mesh.fsdp` / `mesh.context` (one may be -1) against the
+    device count."""
+    sizes = {axis: mesh_config.get(axis, 1) for axis in MESH_AXES}
     unknown = [name for name, size in sizes.items() if size == -1]
     for name, size in sizes.items():
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{name}: must be a positive size or -1, got {size}")
     if len(unknown) > 1:
-        raise ConfigError("mesh: at most one of mesh.data and mesh.fsdp may be -1")
+        raise ConfigError(f"mesh: at most one of {', '.join('mesh.' + a for a in MESH_AXES)} "
+                          "may be -1")  # fmt: skip
     known = math.prod(size for size in sizes.values() if size != -1)
+    described = " x ".join(f"{name}={size}" for name, size in sizes.items() if size != -1)
     if unknown:
         if num_devices % known:
             raise ConfigError(
                 f"mesh.{unknown[0]}: -1 cannot fill {num_devices} devices "
-                f"when the other axis has size {known}"
+                f"when the other axes are {described}"
             )
         sizes[unknown[0]] = num_devices // known
-    total = sizes["data"] * sizes["fsdp"]
+    total = math.prod(sizes.values())
+    described = " x ".join(f"{name}={size}" for name, size in sizes.items())
     if total > num_devices:
-        raise ConfigError(
-            f"mesh: data={sizes['data']} x fsdp={sizes['fsdp']} needs {total} devices, "
-            f"only {num_devices} available"
-        )
+        raise ConfigError(f"mesh: {described} needs {total} devices, only {num_devices} available")
     if total != num_devices:
         raise ConfigError(
-            f"mesh: data={sizes['data']} x fsdp={sizes['fsdp']} = {total} devices, but "
-            f"{num_devices} are available; use -1 to fill"
+            f"mesh: {described} = {total} devices, but {num_devices} are available; use -1 to fill"
         )
-    return sizes["data"], sizes["fsdp"]
+    return tuple(sizes[axis] for axis in MESH_AXES)
+
+
+def check_context_parallel(config, context: int) -> None:
+    """ConfigError unless every block kind can be split along T into `context` shards."""
+    if context == 1:
+        return
+    seq_len = config.data.seq_len
+    if seq_len % context:
+        raise ConfigError(f"mesh.context={context}: data.seq_len={seq_len} is not divisible "
+                          "by it")  # fmt: skip
+    shard = seq_len // context
+    for kind in dict.fromkeys(config.model.block_pattern):
+        if kind not in CONTEXT_PARALLEL_KINDS:
+            raise ConfigError(f"mesh.context={context}: block kind {kind!r} cannot be split "
+                              f"along the sequence: {NOT_SPLIT}")  # fmt: skip
+        window = config.model[kind].get("window", 0) if kind in config.model else 0
+        if kind == "swa" and window > shard:
+            raise ConfigError(f"mesh.context={context}: model.swa.window={window} exceeds a "
+                              f"shard's {shard} tokens (data.seq_len / mesh.context)")  # fmt: skip
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
@@ -93,8 +121,23 @@ def param_shardings(params, logical_specs, mesh: Mesh, rules):
     )
 
 
+def under_mesh(mesh: Mesh, function):
+    """`function` called (so traced) under `jax.set_mesh(mesh)` when the mesh splits T
+    ("context" > 1): `layers.context_parallel` reads the axis from there. Otherwise
+    `function` itself."""
+    if mesh.shape[CONTEXT_AXIS] == 1:
+        return function
+
+    def called_under_mesh(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return function(*args, **kwargs)
+
+    return called_under_mesh
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Batch arrays [B, T]: rows over the batch axes, T over "context"."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, CONTEXT_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

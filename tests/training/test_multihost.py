@@ -48,7 +48,7 @@ def run_two_processes(workdir, *overrides):
 def test_two_processes_match_one_process_and_resume(tmp_path):
     multi = tmp_path / "multi"
     outputs = run_two_processes(multi, "--config.checkpoint.every_steps=3")
-    assert "mesh: {'data': 8, 'fsdp': 1}" in outputs[0]
+    assert "mesh: {'data': 8, 'fsdp': 1, 'context': 1}" in outputs[0]
     assert "step 6/6" not in outputs[1], "only process 0 reports progress"
 
     single = tmp_path / "single"
@@ -76,3 +76,22 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step]["loss"] == multi_losses[step]["loss"]
+
+    # Each sequence split over 2 devices (ring attention), in two processes: the same losses;
+    # then its step-3 checkpoint resumed without the split.
+    split = tmp_path / "split"
+    outputs = run_two_processes(split, "--config.checkpoint.every_steps=3",
+                                "--config.mesh.context=2")  # fmt: skip
+    assert "mesh: {'data': 4, 'fsdp': 1, 'context': 2}" in outputs[0]
+    split_losses = read_metrics(split)
+    for step, record in single_losses.items():
+        assert abs(split_losses[step]["loss"] - record["loss"]) <= RTOL * abs(record["loss"])
+    shutil.rmtree(split / "checkpoints" / "6")
+    (split / "metrics.jsonl").unlink()
+    outputs = run_two_processes(split, "--config.checkpoint.every_steps=3")
+    assert f"resumed from {split}/checkpoints/3" in outputs[0]
+    resumed = read_metrics(split)
+    for step in (4, 5, 6):
+        assert abs(resumed[step]["loss"] - split_losses[step]["loss"]) <= RTOL * abs(
+            split_losses[step]["loss"]
+        )

@@ -74,7 +74,7 @@ def test_data_parallel_fsdp_and_one_device_agree():
 
 @pytest.mark.parametrize(
     "data, fsdp, devices, expected",
-    [(-1, 1, 8, (8, 1)), (2, -1, 8, (2, 4)), (1, 8, 8, (1, 8)), (-1, 2, 4, (2, 2))],
+    [(-1, 1, 8, (8, 1, 1)), (2, -1, 8, (2, 4, 1)), (1, 8, 8, (1, 8, 1)), (-1, 2, 4, (2, 2, 1))],
 )
 def test_mesh_shape_fills_minus_one(data, fsdp, devices, expected):
     config = base.get_config().mesh

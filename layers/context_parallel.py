@@ -1,0 +1,245 @@
+"""Context parallelism: each sequence split along T over the mesh axis "context".
+
+Active while a step is traced under `jax.set_mesh(mesh)` with a "context" axis of size
+N > 1 (`training.sharding`; `--config.mesh.context=N`). Activations [B, T, ...] are then laid
+out with the batch over ("data", "fsdp") and T over "context", so every per-token part of a
+model (projections, MLPs, norms, short convolutions, the loss) is split by XLA's partitioner
+on its own. What mixes tokens across shards runs here, once per shard under `shard_map`, with
+explicit collectives over "context":
+
+- Causal attention: ring attention (Liu et al. 2023, "Ring Attention with Blockwise
+  Transformers for Near-Infinite Context"). A shard keeps its queries while the K/V blocks
+  travel round the ring (N - 1 `ppermute`s); the blocks are merged with an online softmax
+  (Milakov & Gimelshein 2018), blocks from later shards are skipped, and each block's scores
+  are recomputed in the backward instead of stored, so a shard holds O(T/N) activations.
+- Sliding-window attention: a halo exchange. A shard receives the last `window` keys and
+  values of the previous one (one `ppermute`) and runs `sliding_window_attention` on them
+  and its own; needs window <= T / N.
+- Matrix memories (linear attention, GLA, DeltaNet, Gated DeltaNet): a shard's state map
+  S_in -> A S_in + B is affine, A [Dk, Dk] being the product of its transitions (decays,
+  I - beta k k^T). Every column of the state evolves on its own, so one run of the shard's
+  chunked recurrence on values [v | 0] from the state [0 | I] gives [B | A]. A and B of all
+  shards are gathered, each shard composes those before it into its incoming state (zero
+  where a packed document starts at the shard boundary), and a second run from that state
+  gives its outputs: exactly the single-device recurrence, at 2 runs of T / N tokens each.
+
+The other block kinds are refused by `training.sharding.check_context_parallel`.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from layers import attention as attention_lib  # a module: attention.py imports this one
+from pallas_kernels import linear_memory as recurrences
+
+CONTEXT_AXIS = "context"
+BATCH_AXES = ("data", "fsdp")
+
+
+def context_size() -> int:
+    """N, the size of the "context" axis of the mesh being traced under (1: none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or CONTEXT_AXIS not in mesh.axis_names:
+        return 1
+    return mesh.shape[CONTEXT_AXIS]
+
+
+def _token_spec(ndim: int) -> PartitionSpec:
+    """[B, T, ...] laid out batch over the batch axes, T over "context"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = tuple(axis for axis in BATCH_AXES if axis in mesh.axis_names)
+    return PartitionSpec(batch, CONTEXT_AXIS, *([None] * (ndim - 2)))
+
+
+def _per_shard(function, arrays: dict, out_ndims: dict):
+    """`function(**local arrays)` on each shard: every array [B, T, ...] split along T, as
+    are the outputs (dict name -> ndim) unless their ndim is negative: those come back
+    whole, replicated over "context" (the function makes them equal on every shard)."""
+    names = [name for name, x in arrays.items() if x is not None]
+
+    def local(*values):
+        return function(**dict(zip(names, values)))
+
+    def out_spec(ndim):
+        if ndim >= 0:
+            return _token_spec(ndim)
+        spec = _token_spec(-ndim)
+        return PartitionSpec(spec[0], *([None] * (-ndim - 1)))
+
+    return jax.shard_map(
+        local,
+        in_specs=tuple(_token_spec(arrays[name].ndim) for name in names),
+        out_specs={name: out_spec(ndim) for name, ndim in out_ndims.items()},
+    )(*(arrays[name] for name in names))
+
+
+def _varying(tree):
+    """Constants made per-shard values, as `lax.cond` wants both branches' types equal."""
+    axes = tuple(jax.sharding.get_abstract_mesh().axis_names)
+    return jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), tree)
+
+
+def _shift_from_previous(x):
+    """Shard i receives shard i - 1's x (shard 0 receives the last shard's)."""
+    size = context_size()
+    return jax.lax.ppermute(x, CONTEXT_AXIS, [(j, (j + 1) % size) for j in range(size)])
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def ring_attention(query, key, value, *, segment_ids=None):
+    """Causal attention over the whole sequence with T split over "context"; the same
+    result as `attention.dot_product_attention` under `attention_mask` (the tests hold it
+    to that). query [B, T, H, D], key / value [B, T, K, D] (GQA), segment_ids [B, T]."""
+    if segment_ids is None:
+        segment_ids = jnp.zeros(query.shape[:2], jnp.int32)
+    size = context_size()
+
+    def local(query, key, value, segment_ids):
+        shard = jax.lax.axis_index(CONTEXT_AXIS)
+        batch, length, num_heads, head_dim = query.shape
+        num_kv_heads = key.shape[2]
+        grouped = query.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        query_index = shard * length + jnp.arange(length)
+
+        @jax.checkpoint  # the backward recomputes a block's scores rather than keeping N
+        def merge(stats, key, value, key_segments, source):
+            best, total, weighted = stats
+            key_index = source * length + jnp.arange(length)
+            mask = attention_lib.attention_mask(query_index, key_index, query_segments=segment_ids,
+                                  key_segments=key_segments)[:, None, None]  # fmt: skip
+            scores = jnp.einsum("bqkgd,bskd->bkgqs", grouped, key,
+                                preferred_element_type=jnp.float32) * head_dim**-0.5  # fmt: skip
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            new_best = jnp.maximum(best, jnp.max(scores, axis=-1))
+            weights = jnp.where(mask, jnp.exp(scores - new_best[..., None]), 0.0)
+            rescale = jnp.exp(best - new_best)
+            total = rescale * total + jnp.sum(weights, axis=-1)
+            block = jnp.einsum("bkgqs,bskd->bkgqd", weights.astype(value.dtype), value,
+                               preferred_element_type=jnp.float32)  # fmt: skip
+            return new_best, total, rescale[..., None] * weighted + block
+
+        stats_shape = (batch, num_kv_heads, num_heads // num_kv_heads, length)
+        stats = _varying((
+            jnp.full(stats_shape, jnp.finfo(jnp.float32).min),
+            jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros((*stats_shape, head_dim), jnp.float32),
+        ))  # fmt: skip
+        block = (key, value, segment_ids)
+        for step in range(size):  # step s holds the block of shard (i - s) mod N
+            source = (shard - step) % size
+            stats = jax.lax.cond(
+                source <= shard,  # a later shard's keys are all in the future
+                lambda stats, block, source: merge(stats, *block, source),
+                lambda stats, block, source: stats,
+                stats,
+                block,
+                source,
+            )
+            if step < size - 1:
+                block = jax.tree.map(_shift_from_previous, block)
+        _, total, weighted = stats
+        heads = weighted / total[..., None]  # [B, K, G, Tq, D]; a query always sees itself
+        heads = jnp.moveaxis(heads, 3, 1).reshape(batch, length, num_heads, head_dim)
+        return {"heads": heads.astype(value.dtype)}
+
+    arrays = dict(query=query, key=key, value=value, segment_ids=segment_ids)
+    return _per_shard(local, arrays, {"heads": 4})["heads"]
+
+
+def halo_sliding_window_attention(query, key, value, *, window, segment_ids=None):
+    """`attention.sliding_window_attention` with T split over "context": each shard
+    attends over the previous shard's last `window` keys and values and its own."""
+    if segment_ids is None:
+        segment_ids = jnp.zeros(query.shape[:2], jnp.int32)
+
+    def local(query, key, value, segment_ids):
+        length = query.shape[1]
+        if window > length:
+            raise ValueError(f"sliding window {window} exceeds a context shard's {length} tokens")
+        shard = jax.lax.axis_index(CONTEXT_AXIS)
+        halo_key, halo_value, halo_segments = (
+            _shift_from_previous(x[:, length - window :]) for x in (key, value, segment_ids)
+        )
+        # Shard 0's halo is the last shard's tail, not the past: no real token matches -1.
+        halo_segments = jnp.where(shard == 0, -1, halo_segments)
+        heads = attention_lib.sliding_window_attention(
+            jnp.concatenate([jnp.zeros_like(query[:, :window]), query], axis=1),
+            jnp.concatenate([halo_key, key], axis=1),
+            jnp.concatenate([halo_value, value], axis=1),
+            window=window,
+            segment_ids=jnp.concatenate([halo_segments, segment_ids], axis=1),
+        )
+        return {"heads": heads[:, window:]}  # the halo's own queries are not this shard's
+
+    arrays = dict(query=query, key=key, value=value, segment_ids=segment_ids)
+    return _per_shard(local, arrays, {"heads": 4})["heads"]
+
+
+# ---------------------------------------------------------------------- matrix memories
+
+
+def matrix_memory(rule, q, k, v, g=None, beta=None, *, segment_ids=None, chunk_size=64,
+                  impl="auto", normalize=False):  # fmt: skip
+    """`pallas_kernels.linear_memory.recurrence(rule, ...)` (or `normalized_recurrence`)
+    with T split over "context" -> (o [B, T, H, Dv], final state [B, H, Dk, Dv (+ 1 with
+    the normaliser: its z column)]), the single-device result."""
+    extra_columns = 1 if normalize else 0
+
+    def transition_run(q, k, values, g, beta, initial_state, segment_ids):
+        return recurrences.recurrence(
+            rule, q, k, values, g, beta, initial_state=initial_state, output_final_state=True,
+            segment_ids=segment_ids, chunk_size=min(chunk_size, q.shape[1]), impl=impl,
+        )[1]  # fmt: skip
+
+    def output_run(q, k, v, g, beta, initial_state, segment_ids):
+        options = dict(initial_state=initial_state, output_final_state=True,
+                       segment_ids=segment_ids, chunk_size=min(chunk_size, q.shape[1]),
+                       impl=impl)  # fmt: skip
+        if normalize:
+            return recurrences.normalized_recurrence(rule, q, k, v, g, **options)
+        return recurrences.recurrence(rule, q, k, v, g, beta, **options)
+
+    if segment_ids is None:
+        segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+    size = context_size()
+
+    def local(q, k, v, segment_ids, g=None, beta=None):
+        shard = jax.lax.axis_index(CONTEXT_AXIS)
+        batch, length, heads, key_dim = k.shape
+        width = v.shape[-1] + extra_columns
+        values = [v, jnp.ones((batch, length, heads, extra_columns), v.dtype)]
+        values.append(jnp.zeros((batch, length, heads, key_dim), v.dtype))
+        start = jnp.concatenate(
+            [
+                jnp.zeros((batch, heads, key_dim, width), jnp.float32),
+                jnp.broadcast_to(
+                    jnp.eye(key_dim, dtype=jnp.float32), (batch, heads, key_dim, key_dim)
+                ),
+            ],
+            axis=-1,
+        )
+        values = jnp.concatenate(values, -1)
+        final = transition_run(q, k, values, g, beta, _varying(start), segment_ids)
+        offsets, transitions = final[..., :width], final[..., width:]  # B, A of this shard
+        offsets, transitions = (jax.lax.all_gather(x, CONTEXT_AXIS) for x in (offsets, transitions))
+        # The state enters shard j + 1 unless a packed document starts at its first token.
+        firsts, lasts = (
+            jax.lax.all_gather(x, CONTEXT_AXIS) for x in (segment_ids[:, 0], segment_ids[:, -1])
+        )
+        state = jnp.zeros_like(offsets[0])
+        incoming = state
+        for j in range(size - 1):
+            keep = (firsts[j + 1] == lasts[j])[:, None, None, None]
+            state = jnp.where(keep, transitions[j] @ state + offsets[j], 0.0)
+            incoming = jnp.where(shard == j + 1, state, incoming)
+        o, final = output_run(q, k, v, g, beta, incoming, segment_ids)
+        # The sequence's final state is the last shard's; handed to every shard.
+        final = jax.lax.psum(jnp.where(shard == size - 1, final, 0.0), CONTEXT_AXIS)
+        return {"o": o, "final": final}
+
+    arrays = dict(q=q, k=k, v=v, segment_ids=segment_ids, g=g, beta=beta)
+    out = _per_shard(local, arrays, {"o": 4, "final": -4})
+    return out["o"], out["final"]
