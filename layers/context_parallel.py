@@ -32,6 +32,8 @@ from jax.sharding import PartitionSpec
 
 from layers import attention as attention_lib  # a module: attention.py imports this one
 from pallas_kernels import linear_memory as recurrences
+from pallas_kernels.neural_memory import chunked
+from pallas_kernels.neural_memory.segments import where_rows
 
 CONTEXT_AXIS = "context"
 BATCH_AXES = ("data", "fsdp")
@@ -77,7 +79,13 @@ def _per_shard(function, arrays: dict, out_ndims: dict):
 def _varying(tree):
     """Constants made per-shard values, as `lax.cond` wants both branches' types equal."""
     axes = tuple(jax.sharding.get_abstract_mesh().axis_names)
-    return jax.tree.map(lambda x: jax.lax.pcast(x, axes, to="varying"), tree)
+
+    def varying(x):
+        already = jax.typeof(x).manual_axis_type.varying
+        missing = tuple(axis for axis in axes if axis not in already)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(varying, tree)
 
 
 def _shift_from_previous(x):
@@ -243,3 +251,81 @@ def matrix_memory(rule, q, k, v, g=None, beta=None, *, segment_ids=None, chunk_s
     arrays = dict(q=q, k=k, v=v, segment_ids=segment_ids, g=g, beta=beta)
     out = _per_shard(local, arrays, {"o": 4, "final": -4})
     return out["o"], out["final"]
+
+
+# ------------------------------------------------------------------------- deep memories
+
+
+def _whole_spec(ndim: int) -> PartitionSpec:
+    """[B, ...] with no T axis: rows over the batch axes, the same on every context shard."""
+    return PartitionSpec(_token_spec(2)[0], *([None] * (ndim - 1)))
+
+
+def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):
+    """`pallas_kernels.neural_memory` (chunked) with T split over "context" -> (o [B, T, H,
+    Dv], final state), the single-device result.
+
+    A deep memory's state map is not affine, so shard i can only start a sequence once
+    shard i - 1 has finished its part. The rows of a shard's batch are pipelined: at tick t
+    shard i runs row t - i from the state shard i - 1 handed over after running that row at
+    tick t - 1, so with b rows per shard every shard is busy for b of the b + N - 1 ticks
+    (the bubble: (N - 1) / (b + N - 1)). inputs: `MemoryInputs` [B, T, H, ...];
+    initial_state: `NeuralMemoryState` [B, H, ...], also what a packed document restarts
+    from."""
+    if segment_ids is None:
+        segment_ids = jnp.zeros(inputs.q.shape[:2], jnp.int32)
+    size = context_size()
+    token_leaves, token_tree = jax.tree.flatten(inputs)
+    state_leaves, state_tree = jax.tree.flatten(initial_state)
+
+    def local(segment_ids, *leaves):
+        tokens = jax.tree.unflatten(token_tree, leaves[: len(token_leaves)])
+        start = jax.tree.unflatten(state_tree, leaves[len(token_leaves) :])
+        shard = jax.lax.axis_index(CONTEXT_AXIS)
+        rows = segment_ids.shape[0]
+        # A row enters this shard with the previous shard's state unless a packed document
+        # starts at its first token (shard 0: every row starts from its initial state).
+        lasts = jax.lax.all_gather(segment_ids[:, -1], CONTEXT_AXIS)
+        continues = (shard > 0) & (segment_ids[:, 0] == lasts[(shard - 1) % size])
+
+        def row_of(tree, row):
+            return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, 0), tree)
+
+        def put(tree, row, new, valid):
+            return jax.tree.map(
+                lambda x, y: jnp.where(valid, jax.lax.dynamic_update_slice_in_dim(x, y, row, 0), x),
+                tree,
+                new,
+            )
+
+        def tick(carry, time):
+            received, outputs, finals = carry
+            row = jnp.clip(time - shard, 0, rows - 1)
+            valid = (time - shard >= 0) & (time - shard < rows)
+            fresh = row_of(start, row)
+            state = where_rows(row_of(continues, row), received, fresh)
+            o, final = chunked.chunked_scan(
+                spec, row_of(tokens, row), state, chunk_size, row_of(segment_ids, row),
+                restart_from=fresh,
+            )  # fmt: skip
+            outputs = put(outputs, row, o, valid)
+            finals = put(finals, row, final, valid & (shard == size - 1))
+            return (jax.tree.map(_shift_from_previous, final), outputs, finals), None
+
+        one_row = jax.tree.map(lambda x: jnp.zeros_like(x[:1], jnp.float32), start)
+        outputs = jnp.zeros((*tokens.v.shape[:-1], tokens.v.shape[-1]), tokens.v.dtype)
+        finals = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), start)
+        carry = _varying((one_row, outputs, finals))
+        (_, outputs, finals), _ = jax.lax.scan(tick, carry, jnp.arange(rows + size - 1))
+        # The sequence's final state is the last shard's; handed to every shard.
+        return outputs, jax.tree.map(lambda x: jax.lax.psum(x, CONTEXT_AXIS), finals)
+
+    in_specs = (_token_spec(2), *(_token_spec(x.ndim) for x in token_leaves),
+                *(_whole_spec(x.ndim) for x in state_leaves))  # fmt: skip
+    out_specs = (
+        _token_spec(4),
+        jax.tree.unflatten(state_tree, [_whole_spec(x.ndim) for x in state_leaves]),
+    )
+    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(
+        segment_ids, *token_leaves, *state_leaves
+    )

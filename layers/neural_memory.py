@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import context_parallel
 from layers.feature_maps import feature_dim, make_feature_map
 from layers.gated_output import GatedOutput
 from layers.memory_writes import DeepMemoryWrites
@@ -286,9 +287,16 @@ class NeuralMemory(nnx.Module):
         segment_ids [B, T]: packed documents, each run as if alone (module docstring).
         """
         inputs, _ = self.features(x, segment_ids=segment_ids)
-        o, final_state = self.recur(
-            inputs, self.initial_state(x.shape[0]), chunk_size=chunk_size, segment_ids=segment_ids
-        )
+        if context_parallel.context_size() > 1:  # T split over the mesh's "context" axis
+            o, final_state = context_parallel.deep_memory(
+                self.spec, inputs, self.initial_state(x.shape[0]),
+                chunk_size=chunk_size or self.chunk_size, segment_ids=segment_ids,
+            )  # fmt: skip
+        else:
+            o, final_state = self.recur(
+                inputs, self.initial_state(x.shape[0]), chunk_size=chunk_size,
+                segment_ids=segment_ids,
+            )  # fmt: skip
         return self.output(o, x), memory_norms(final_state, self.spec)
 
     def init_cache(self, batch_size: int) -> dict:

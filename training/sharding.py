@@ -20,11 +20,18 @@ MESH_AXES = (*BATCH_AXES, CONTEXT_AXIS)
 
 # Block kinds whose token mixing `layers.context_parallel` splits along T, and why the rest
 # cannot be split yet.
-CONTEXT_PARALLEL_KINDS = ("attention", "swa", "linear_attention", "gla", "deltanet", "gdn", "mom")
-NOT_SPLIT = (
-    "its memory's state map is not affine in the incoming state, so shards must run in "
-    "time order (a pipeline over the batch, not built yet)"
+DEEP_MEMORY_KINDS = ("lmm", "mal", "atlas", "omeganet", "moneta", "yaad", "memora")
+CONTEXT_PARALLEL_KINDS = (
+    *("attention", "swa"),  # ring attention, halo exchange
+    *("linear_attention", "gla", "deltanet", "gdn", "mom"),  # affine state composition
+    *DEEP_MEMORY_KINDS,  # pipelined over a shard's rows
 )
+NOT_SPLIT = {
+    "mag": "its attention over persistent tokens has no halo exchange yet",
+    "mac": "its segments' attention reads the memory at each segment start, which has no "
+    "split form yet",
+}
+NOT_SPLIT_DEFAULT = "it has no split form yet"
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -69,12 +76,23 @@ def check_context_parallel(config, context: int) -> None:
     shard = seq_len // context
     for kind in dict.fromkeys(config.model.block_pattern):
         if kind not in CONTEXT_PARALLEL_KINDS:
+            why = NOT_SPLIT.get(kind, NOT_SPLIT_DEFAULT)
             raise ConfigError(f"mesh.context={context}: block kind {kind!r} cannot be split "
-                              f"along the sequence: {NOT_SPLIT}")  # fmt: skip
+                              f"along the sequence: {why}")  # fmt: skip
+        chunk = config.model[kind].get("chunk_size", 1) if kind in config.model else 1
+        if kind in DEEP_MEMORY_KINDS and shard % chunk:
+            # The chunked deep memory takes each gradient at its chunk's start: chunks that
+            # straddle a shard boundary would change what it computes.
+            raise ConfigError(
+                f"mesh.context={context}: model.{kind}.chunk_size={chunk} does not divide a "
+                f"shard's {shard} tokens (data.seq_len / mesh.context)"
+            )
         window = config.model[kind].get("window", 0) if kind in config.model else 0
-        if kind == "swa" and window > shard:
-            raise ConfigError(f"mesh.context={context}: model.swa.window={window} exceeds a "
-                              f"shard's {shard} tokens (data.seq_len / mesh.context)")  # fmt: skip
+        if window > shard:  # the halo exchange reaches one shard back
+            raise ConfigError(
+                f"mesh.context={context}: model.{kind}.window={window} exceeds a shard's "
+                f"{shard} tokens (data.seq_len / mesh.context)"
+            )
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:

@@ -148,12 +148,14 @@ def _split_chunks(x, num_chunks, chunk_size, pad_value):
     return jnp.moveaxis(x, 2, 0)
 
 
-def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, segment_ids=None):
+def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, segment_ids=None,
+                 restart_from=None):  # fmt: skip
     """Chunk-parallel form: inputs as `reference.exact_scan` -> (o in v's dtype, final state).
 
     Equals `reference.chunk_start_scan(..., chunk_size)`; with chunk_size 1 the exact rule.
     segment_ids [B, T]: packed rows, each document restarting from `initial_state`'s weights
-    (`segments`).
+    (`segments`), or from `restart_from`'s when given (a piece of a longer sequence that
+    starts mid-document, `layers.context_parallel`).
     """
     seq_len = inputs.q.shape[1]
     num_chunks = -(-seq_len // chunk_size)
@@ -166,7 +168,7 @@ def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, segment_
     if segment_ids is None:
         starts = jnp.zeros((num_chunks,), bool)  # unused: no document starts
     else:
-        restart = reset_state(spec, state)
+        restart = reset_state(spec, jax.tree.map(at_least_float32, restart_from or state))
         starts = _split_chunks(document_starts(segment_ids)[:, None], num_chunks, chunk_size, False)
 
     def step(carry, xs):

@@ -13,12 +13,13 @@ from training import sharding as sharding_lib
 from training.state import init_params, model_spec
 from training.step import model_terms
 
-# The "within 1e-5": besides the cross-device sums of tests/training/test_sharding.py,
-# a shard boundary ends a chunk of the float32 chunked recurrences and adds the state
-# composition A S + B, so gradients differ by up to ~4e-6 (GLA, DeltaNet) where one device
-# runs the sequence in one chunk; float64 cannot check the algebra here (the recurrences
-# compute in float32), but a wrong composition would differ at O(1).
-RTOL, ATOL = 1e-5, 1e-5
+# The "within 1e-5" holds for the loss (all kinds agree to ~2e-7). Gradients are
+# compared as one vector, ||g_context - g|| / ||g||: a wrong state composition, or a state
+# that does not cross a shard boundary, moves them at 1e-3 or more, while float32 rounding
+# alone moves them by up to ~3e-5 in these models -- the same as changing data parallel for
+# FSDP does (MAL: 2.8e-5 FSDP vs data, 3.5e-5 context vs data; measured 2026-12-04), because
+# an embedding row's gradient sums hundreds of terms whose order the layout changes.
+LOSS_RTOL, GRADIENT_RTOL = 1e-5, 1e-4
 SEQ_LEN, BATCH = 32, 8
 
 
@@ -84,6 +85,7 @@ def kind_of(config):
     return kind
 
 
+MATRIX_MEMORIES = ("linear_attention", "gla", "deltanet", "gdn", "mom")
 CASES = [
     ("attention", {}),
     ("swa", {"window": 6}),  # shorter than a shard (8 tokens), so the halo is all it needs
@@ -93,33 +95,41 @@ CASES = [
     ("deltanet", {}),
     ("gdn", {"chunk_size": 4}),  # two chunks per shard
     ("mom", {}),  # its memories folded into heads, each on its routed tokens
+    ("lmm", {"chunk_size": 4}),  # the deep memories: pipelined over the rows of a shard
+    ("mal", {"window": 6, "chunk_size": 8}),
+    ("atlas", {"chunk_size": 4}),  # the Omega window (c = 4) spans shard boundaries
+    pytest.param("yaad", {"chunk_size": 8}, marks=pytest.mark.slow),  # lmm's path, Huber bias
 ]
 
 
-@pytest.mark.parametrize("kind, options", CASES, ids=[f"{k}{'-' if o else ''}{'-'.join(o)}"
-                                                      for k, o in CASES])  # fmt: skip
+@pytest.mark.parametrize("kind, options", CASES)
 def test_context_parallel_matches_data_parallel(kind, options):
     config = kind_config(kind, **options)
     batch = packed_batch(config.model.vocab_size)
     expected = loss_and_grads(config, batch, data=8, context=1)
     got = loss_and_grads(config, batch, data=2, context=4)
-    np.testing.assert_allclose(got[0], expected[0], rtol=RTOL, atol=ATOL)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
-                 got[1], expected[1])  # fmt: skip
+    np.testing.assert_allclose(got[0], expected[0], rtol=LOSS_RTOL)
+    got, expected = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)]) for g in
+                     (got[1], expected[1]))  # fmt: skip
+    assert np.linalg.norm(got - expected) <= GRADIENT_RTOL * np.linalg.norm(expected)
 
 
 def test_a_kind_that_cannot_be_split_is_refused_by_name():
-    config = kind_config("lmm")
-    with pytest.raises(ConfigError, match="mesh.context=4: block kind 'lmm' cannot be split"):
+    config = kind_config("mac")
+    with pytest.raises(ConfigError, match="mesh.context=4: block kind 'mac' cannot be split"):
         sharding_lib.check_context_parallel(config, 4)
 
 
 @pytest.mark.parametrize(
-    "seq_len, window, message",
-    [(30, 4, "data.seq_len=30 is not divisible"), (32, 12, "model.swa.window=12 exceeds")],
+    "kind, seq_len, options, message",
+    [
+        ("swa", 30, {}, "data.seq_len=30 is not divisible"),
+        ("swa", 32, {"window": 12}, "model.swa.window=12 exceeds a shard's 8 tokens"),
+        ("lmm", 32, {"chunk_size": 16}, "model.lmm.chunk_size=16 does not divide a shard's 8"),
+    ],
 )
-def test_bad_context_layouts_are_named(seq_len, window, message):
-    config = kind_config("swa", window=window)
+def test_bad_context_layouts_are_named(kind, seq_len, options, message):
+    config = kind_config(kind, **options)
     config.data.seq_len = seq_len
     with pytest.raises(ConfigError, match=message):
         sharding_lib.check_context_parallel(config, 4)
