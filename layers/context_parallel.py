@@ -54,26 +54,33 @@ def _token_spec(ndim: int) -> PartitionSpec:
     return PartitionSpec(batch, CONTEXT_AXIS, *([None] * (ndim - 2)))
 
 
-def _per_shard(function, arrays: dict, out_ndims: dict):
+def _per_shard(function, arrays: dict, out_ndims: dict, whole: dict | None = None):
     """`function(**local arrays)` on each shard: every array [B, T, ...] split along T, as
     are the outputs (dict name -> ndim) unless their ndim is negative: those come back
-    whole, replicated over "context" (the function makes them equal on every shard)."""
-    names = [name for name, x in arrays.items() if x is not None]
+    whole, replicated over "context" (the function makes them equal on every shard).
+    `whole`: arrays [B, ...] without a T axis, given to every shard entire."""
+    whole = {name: x for name, x in (whole or {}).items() if x is not None}
+    arrays = {name: x for name, x in arrays.items() if x is not None}
+    names = [*arrays, *whole]
 
     def local(*values):
         return function(**dict(zip(names, values)))
 
     def out_spec(ndim):
-        if ndim >= 0:
-            return _token_spec(ndim)
-        spec = _token_spec(-ndim)
-        return PartitionSpec(spec[0], *([None] * (-ndim - 1)))
+        return _token_spec(ndim) if ndim >= 0 else _whole_spec(-ndim)
 
+    in_specs = (*(_token_spec(x.ndim) for x in arrays.values()),
+                *(_whole_spec(x.ndim) for x in whole.values()))  # fmt: skip
     return jax.shard_map(
         local,
-        in_specs=tuple(_token_spec(arrays[name].ndim) for name in names),
+        in_specs=in_specs,
         out_specs={name: out_spec(ndim) for name, ndim in out_ndims.items()},
-    )(*(arrays[name] for name in names))
+    )(*arrays.values(), *whole.values())
+
+
+def _whole_spec(ndim: int) -> PartitionSpec:
+    """[B, ...] with no T axis: rows over the batch axes, the same on every context shard."""
+    return PartitionSpec(_token_spec(2)[0], *([None] * (ndim - 1)))
 
 
 def _varying(tree):
@@ -157,13 +164,16 @@ def ring_attention(query, key, value, *, segment_ids=None):
     return _per_shard(local, arrays, {"heads": 4})["heads"]
 
 
-def halo_sliding_window_attention(query, key, value, *, window, segment_ids=None):
+def halo_sliding_window_attention(query, key, value, *, window, segment_ids=None,
+                                  prefix_key=None, prefix_value=None):  # fmt: skip
     """`attention.sliding_window_attention` with T split over "context": each shard
-    attends over the previous shard's last `window` keys and values and its own."""
+    attends over the previous shard's last `window` keys and values and its own (and the
+    keys every query sees, prefix_key / prefix_value [B, P, K, D]: Titans' persistent
+    memory)."""
     if segment_ids is None:
         segment_ids = jnp.zeros(query.shape[:2], jnp.int32)
 
-    def local(query, key, value, segment_ids):
+    def local(query, key, value, segment_ids, prefix_key=None, prefix_value=None):
         length = query.shape[1]
         if window > length:
             raise ValueError(f"sliding window {window} exceeds a context shard's {length} tokens")
@@ -179,11 +189,14 @@ def halo_sliding_window_attention(query, key, value, *, window, segment_ids=None
             jnp.concatenate([halo_value, value], axis=1),
             window=window,
             segment_ids=jnp.concatenate([halo_segments, segment_ids], axis=1),
+            prefix_key=prefix_key,
+            prefix_value=prefix_value,
         )
         return {"heads": heads[:, window:]}  # the halo's own queries are not this shard's
 
     arrays = dict(query=query, key=key, value=value, segment_ids=segment_ids)
-    return _per_shard(local, arrays, {"heads": 4})["heads"]
+    prefix = dict(prefix_key=prefix_key, prefix_value=prefix_value)
+    return _per_shard(local, arrays, {"heads": 4}, whole=prefix)["heads"]
 
 
 # ---------------------------------------------------------------------- matrix memories
@@ -254,11 +267,6 @@ def matrix_memory(rule, q, k, v, g=None, beta=None, *, segment_ids=None, chunk_s
 
 
 # ------------------------------------------------------------------------- deep memories
-
-
-def _whole_spec(ndim: int) -> PartitionSpec:
-    """[B, ...] with no T axis: rows over the batch axes, the same on every context shard."""
-    return PartitionSpec(_token_spec(2)[0], *([None] * (ndim - 1)))
 
 
 def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):

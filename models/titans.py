@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from errors import ConfigError
+from layers import context_parallel
 from layers.attention import (
     Attention,
     attention_mask,
@@ -227,7 +228,14 @@ class MAGBlock(GatedAttentionBlock):
         remembered, aux = self.memory(normed, segment_ids=segment_ids)
         query, key, value = self.attention.project(normed, positions)
         window = self.attention.window
-        if 0 < window and 2 * window < x.shape[1]:  # O(T * window), as `Attention`
+        if 0 < window and context_parallel.context_size() > 1:  # T split over "context"
+            prefix = self.persistent_key_value(x.shape[0], key.shape[2], key.shape[3])
+            heads = context_parallel.halo_sliding_window_attention(
+                query, key, value, window=window, segment_ids=segment_ids,
+                prefix_key=prefix[0], prefix_value=prefix[1],
+            )  # fmt: skip
+            attended = self.attention.output(heads)
+        elif 0 < window and 2 * window < x.shape[1]:  # O(T * window), as `Attention`
             prefix = self.persistent_key_value(x.shape[0], key.shape[2], key.shape[3])
             heads = sliding_window_attention(
                 query, key, value, window=window, segment_ids=segment_ids,

@@ -20,14 +20,13 @@ MESH_AXES = (*BATCH_AXES, CONTEXT_AXIS)
 
 # Block kinds whose token mixing `layers.context_parallel` splits along T, and why the rest
 # cannot be split yet.
-DEEP_MEMORY_KINDS = ("lmm", "mal", "atlas", "omeganet", "moneta", "yaad", "memora")
+DEEP_MEMORY_KINDS = ("lmm", "mal", "mag", "atlas", "omeganet", "moneta", "yaad", "memora")
 CONTEXT_PARALLEL_KINDS = (
     *("attention", "swa"),  # ring attention, halo exchange
     *("linear_attention", "gla", "deltanet", "gdn", "mom"),  # affine state composition
     *DEEP_MEMORY_KINDS,  # pipelined over a shard's rows
 )
 NOT_SPLIT = {
-    "mag": "its attention over persistent tokens has no halo exchange yet",
     "mac": "its segments' attention reads the memory at each segment start, which has no "
     "split form yet",
 }

@@ -97,6 +97,7 @@ CASES = [
     ("mom", {}),  # its memories folded into heads, each on its routed tokens
     ("lmm", {"chunk_size": 4}),  # the deep memories: pipelined over the rows of a shard
     ("mal", {"window": 6, "chunk_size": 8}),
+    ("mag", {"window": 6, "chunk_size": 8}),  # + persistent tokens every shard sees
     ("atlas", {"chunk_size": 4}),  # the Omega window (c = 4) spans shard boundaries
     pytest.param("yaad", {"chunk_size": 8}, marks=pytest.mark.slow),  # lmm's path, Huber bias
 ]
