@@ -6,8 +6,10 @@
 The real train step (`training.step.make_train_step`, AdamW, jitted with donation as in
 `training.loop`) of `configs/default.py` with the kind's blocks (d_model 128, 2 layers), on 8
 devices: context N splits each sequence over N devices and data = 8 / N takes the rest, with
-one sequence per data group (global batch 8 / N), so a device always holds T / N tokens of one
-sequence and the memory it needs should fall ~1/N. Memory: XLA's buffer assignment of the
+`--rows` sequences per data group (global batch rows x 8 / N), so a device always holds
+T / N tokens of each of its rows and the memory it needs should fall ~1/N. The deep memories
+pipeline a shard's rows (`layers.context_parallel.deep_memory`): with b rows a shard waits
+(N - 1) of b + N - 1 ticks, which more rows amortise. Memory: XLA's buffer assignment of the
 compiled SPMD program, per device (`layer_cost.compiled_stats`: arguments + outputs +
 temporaries - aliased), compiled only, never run. Time: median of `--steps` real steps at
 `--time_seq_len` on random tokens, compared per token (a step at context N trains 1/N of the
@@ -49,11 +51,11 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 DEVICES = 8
 
 
-def config_for(kind: str, seq_len: int, context: int):
+def config_for(kind: str, seq_len: int, context: int, rows: int = 1):
     config = text_config(kind, 10)
     config.data.seq_len = seq_len
     config.mesh.data, config.mesh.context = -1, context
-    config.train.batch_size = DEVICES // context  # one sequence per data group
+    config.train.batch_size = rows * DEVICES // context  # `rows` sequences per data group
     config = config_validation.validate(config, base.get_config())
     sharding_lib.check_context_parallel(config, context)
     return config
@@ -92,14 +94,15 @@ def batch_of(config, sharding, rng=None):
     return {key: jax.device_put(value, sharding) for key, value in arrays.items()}
 
 
-def measure(kind, seq_len, context, steps):
-    config = config_for(kind, seq_len, context)
+def measure(kind, seq_len, context, steps, rows=1):
+    config = config_for(kind, seq_len, context, rows)
     mesh, jitted, state, batch_sharding = train_step(config)
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         compiled = jitted.lower(state, batch_of(config, batch_sharding)).compile()
         compile_s = time.perf_counter() - start
     row = {"kind": kind, "seq_len": seq_len, "context": context, "data": mesh.shape["data"],
+           "rows": rows,
            "batch": config.train.batch_size, "compile_s": compile_s,
            **layer_cost.compiled_stats(compiled)}  # fmt: skip
     if steps:
@@ -122,19 +125,21 @@ def markdown(header, rows) -> str:
         f"{header['machine']}; backend {header['backend']}; jax {header['jax']}; {header['date']}",
         f"Command: `{header['command']}`; XLA_FLAGS `{header['xla_flags']}`",
         "",
-        "Each device holds T / context tokens of one sequence (batch 8 / context over data = "
-        "8 / context). Memory: the compiled program's buffers per device (arguments + outputs "
-        "+ temporaries - aliased), compiled, not run. Time: median step on the same 8 devices, "
-        "which on a CPU are fake and share its cores (the split's total work, not a speed-up).",
+        "Each device holds T / context tokens of each of its rows (batch rows x 8 / context "
+        "over data = 8 / context). Memory: the compiled program's buffers per device "
+        "(arguments + outputs + temporaries - aliased), compiled, not run. Time: median step "
+        "on the same 8 devices, which on a CPU are fake and share its cores, per token (the "
+        "split's total work and the deep memories' pipeline bubble, not a speed-up).",
         "",
-        "| kind | T | context | memory per device | vs context 1 | step (s) | time per token "
-        "vs context 1 |",
-        "|---|---|---|---|---|---|---|",
+        "| kind | T | rows per shard | context | memory per device | vs context 1 | step (s) | "
+        "time per token vs context 1 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     first = {}
     for r in rows:
-        first.setdefault((r["kind"], r["seq_len"]), r)
-        base_row = first[(r["kind"], r["seq_len"])]
+        key = (r["kind"], r["seq_len"], r.get("rows", 1))
+        first.setdefault(key, r)
+        base_row = first[key]
         peak = r["compiled_peak_bytes"]
         ratio = f"{peak / base_row['compiled_peak_bytes']:.2f}" if base_row["context"] == 1 else ""
         step = f"{r['step_s']:.2f}" if "step_s" in r else ""
@@ -143,7 +148,7 @@ def markdown(header, rows) -> str:
             # Batch 8 / context: a step at context N trains 1/N of context 1's tokens.
             per_token = r["step_s"] / r["batch"], base_row["step_s"] / base_row["batch"]
             step_ratio = f"{per_token[0] / per_token[1]:.2f}"
-        lines.append(f"| {r['kind']} | {r['seq_len']:,} | {r['context']} | "
+        lines.append(f"| {r['kind']} | {r['seq_len']:,} | {key[2]} | {r['context']} | "
                      f"{peak / 2**20:,.0f} MiB | {ratio} | {step} | {step_ratio} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -158,6 +163,7 @@ def main(argv=None):
     parser.add_argument("--kinds", default="gdn,attention")
     parser.add_argument("--seq_lens", type=_ints, default=[16384, 32768, 65536])
     parser.add_argument("--contexts", type=_ints, default=[1, 2, 4, 8])
+    parser.add_argument("--rows", type=_ints, default=[1], help="sequences per data group")
     parser.add_argument("--time_seq_len", type=int, default=16384, help="0: no timing")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
@@ -170,12 +176,16 @@ def main(argv=None):
     rows = []
     for kind in [k for k in args.kinds.split(",") if k]:
         for seq_len in args.seq_lens:
-            for context in args.contexts:
-                print(f"{kind} T={seq_len} context={context}", file=sys.stderr, flush=True)
-                steps = args.steps if seq_len == args.time_seq_len else 0
-                rows.append(measure(kind, seq_len, context, steps))
-                stem.with_suffix(".json").write_text(json.dumps({**header, "rows": rows}, indent=1))
-                stem.with_suffix(".md").write_text(markdown(header, rows))
+            for per_shard in args.rows:
+                for context in args.contexts:
+                    print(f"{kind} T={seq_len} rows={per_shard} context={context}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    steps = args.steps if seq_len == args.time_seq_len else 0
+                    rows.append(measure(kind, seq_len, context, steps, per_shard))
+                    stem.with_suffix(".json").write_text(
+                        json.dumps({**header, "rows": rows}, indent=1)
+                    )
+                    stem.with_suffix(".md").write_text(markdown(header, rows))
     print(stem.with_suffix(".md").read_text())
     return rows
 

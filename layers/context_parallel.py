@@ -312,10 +312,18 @@ def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):
             valid = (time - shard >= 0) & (time - shard < rows)
             fresh = row_of(start, row)
             state = where_rows(row_of(continues, row), received, fresh)
-            o, final = chunked.chunked_scan(
-                spec, row_of(tokens, row), state, chunk_size, row_of(segment_ids, row),
-                restart_from=fresh,
-            )  # fmt: skip
+
+            def run(state, fresh, row):
+                return chunked.chunked_scan(
+                    spec, row_of(tokens, row), state, chunk_size, row_of(segment_ids, row),
+                    restart_from=fresh,
+                )  # fmt: skip
+
+            def idle(state, fresh, row):  # the pipeline's bubble: this shard waits
+                o = jnp.zeros((1, *tokens.v.shape[1:]), tokens.v.dtype)
+                return _varying(o), jax.tree.map(lambda x: x.astype(jnp.float32), state)
+
+            o, final = jax.lax.cond(valid, run, idle, state, fresh, row)
             outputs = put(outputs, row, o, valid)
             finals = put(finals, row, final, valid & (shard == size - 1))
             return (jax.tree.map(_shift_from_previous, final), outputs, finals), None

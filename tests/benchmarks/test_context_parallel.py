@@ -17,4 +17,4 @@ def test_memory_per_device_falls_with_context(tmp_path):
     assert all(row["step_s"] > 0 for row in rows)
     stored = json.loads((tmp_path / "context_parallel_cpu.json").read_text())["rows"]
     assert [row["context"] for row in stored] == [1, 4]
-    assert "| gdn | 2,048 | 4 |" in (tmp_path / "context_parallel_cpu.md").read_text()
+    assert "| gdn | 2,048 | 1 | 4 |" in (tmp_path / "context_parallel_cpu.md").read_text()
