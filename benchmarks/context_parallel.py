@@ -38,14 +38,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import optim  # noqa: E402
 from benchmarks import layer_cost  # noqa: E402
 from benchmarks.model_comparison import text_config  # noqa: E402
+from benchmarks.throughput import jitted_train_step  # noqa: E402
 from configs import base  # noqa: E402
 from training import config_validation  # noqa: E402
 from training import sharding as sharding_lib  # noqa: E402
-from training.state import create_train_state, model_spec  # noqa: E402
-from training.step import make_train_step  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DEVICES = 8
@@ -59,24 +57,6 @@ def config_for(kind: str, seq_len: int, context: int, rows: int = 1):
     config = config_validation.validate(config, base.get_config())
     sharding_lib.check_context_parallel(config, context)
     return config
-
-
-def train_step(config):
-    """(step called under the mesh, its jitted form, state, batch sharding)."""
-    mesh = sharding_lib.make_mesh(config.mesh)
-    spec = model_spec(config.model, config.seed)
-    steps = config.train.num_steps
-    schedule = optim.learning_rate_schedule(config.optim, steps)
-    tx = optim.build(config.optim, spec.abstract_params, spec.logical_specs, num_steps=steps)
-    state, shardings = create_train_state(config, spec, tx, mesh)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    jitted = jax.jit(
-        make_train_step(spec, tx, schedule, config.train),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, sharding_lib.replicated(mesh)),
-        donate_argnums=0,
-    )
-    return mesh, jitted, state, batch_sharding
 
 
 def batch_of(config, sharding, rng=None):
@@ -96,7 +76,8 @@ def batch_of(config, sharding, rng=None):
 
 def measure(kind, seq_len, context, steps, rows=1):
     config = config_for(kind, seq_len, context, rows)
-    mesh, jitted, state, batch_sharding = train_step(config)
+    mesh, jitted, state = jitted_train_step(config)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         compiled = jitted.lower(state, batch_of(config, batch_sharding)).compile()

@@ -81,8 +81,8 @@ def estimated_flops_per_token(config, abstract_params) -> dict:
     return {"parameters": total, "flops_per_token": 6 * matmul_params + attention}
 
 
-def build_step(config):
-    """(jitted train step, initial state, batch iterator) as `training.loop.run` builds them."""
+def jitted_train_step(config):
+    """(mesh, jitted train step, initial state) as `training.loop.run` builds them."""
     mesh = sharding_lib.make_mesh(config.mesh)
     spec = model_spec(config.model, config.seed)
     steps = config.train.num_steps
@@ -95,6 +95,12 @@ def build_step(config):
         out_shardings=(shardings, sharding_lib.replicated(mesh)),
         donate_argnums=0,
     )
+    return mesh, step, state
+
+
+def build_step(config):
+    """(jitted train step, initial state, batch iterator) as `training.loop.run` builds them."""
+    mesh, step, state = jitted_train_step(config)
     batches = data_lib.build_train_iterator(
         config.data,
         global_batch_size=config.train.batch_size,

@@ -22,8 +22,13 @@ explicit collectives over "context":
   shards are gathered, each shard composes those before it into its incoming state (zero
   where a packed document starts at the shard boundary), and a second run from that state
   gives its outputs: exactly the single-device recurrence, at 2 runs of T / N tokens each.
+- Deep memories (Titans, ATLAS, the Miras kinds): the state map is not affine, so the shards
+  of a sequence run in time order, each handing its final state (weights, momentum, Omega
+  window) to the next; a shard's rows are pipelined so that shards overlap (`deep_memory`).
+  A chunk must not straddle a shard boundary (it would change where gradients are taken).
 
-The other block kinds are refused by `training.sharding.check_context_parallel`.
+`training.sharding.check_context_parallel` refuses the kinds with no split form (MAC) and
+layouts these parts cannot take.
 """
 
 import jax
