@@ -73,8 +73,8 @@ test-py3.12: $(STAMP312)
 # Eigen pool made the chunked backward much slower (see benchmarks/kernels.py).
 BENCH_XLA := XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
-# Every kind with a recall target (configs/mqar.py); ATLAS is left out while it trains at
-# under 1K tokens/s on a CPU (the speed issue).
+# Every kind with a recall target (configs/mqar.py) but ATLAS, which trains at under 1K
+# tokens/s on a CPU (the speed issue) and so runs alone, one seed, on both cores.
 RECALL_KINDS := attention,deltanet,gdn,yaad,lmm,mag,mal,omeganet,mac,mom
 
 # Long checks and benchmarks: run by hand (several hours on 2 CPU cores); results are
@@ -110,6 +110,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.recall_sweep --kinds atlas --seeds 1 --cores_per_run 2
 	$(PY) -m benchmarks.model_comparison --text_steps 300
 	$(PY) -m benchmarks.context_parallel
+	$(PY) -m benchmarks.context_parallel --kinds lmm --seq_lens 4096 --contexts 1,4 --rows 1,4 \
+	  --time_seq_len 4096 --name context_parallel_bubble
 	$(PY) -m benchmarks.plots
 	# The peers' interpreters: see benchmarks/peers_envs.md (a missing one gives "not importable" rows).
 	$(PY) -m benchmarks.peers --jla_python=$(JLA_PYTHON) --titans_python=$(TITANS_PYTHON) --threads=pinned

@@ -1,7 +1,9 @@
 """Context parallelism: compiled memory per device and time per step against mesh.context.
 
-    python -m benchmarks.context_parallel [--kinds gdn,attention] [--seq_lens 16384,32768,65536]
-        [--contexts 1,2,4,8] [--time_seq_len 16384] [--steps 3]
+    python -m benchmarks.context_parallel [--kinds gdn,lmm,attention] [--contexts 1,2,4,8]
+        [--seq_lens 16384,32768,65536] [--time_seq_len 16384] [--time_kinds gdn,lmm] [--steps 3]
+    python -m benchmarks.context_parallel --kinds lmm --seq_lens 4096 --contexts 1,4 \
+        --rows 1,4 --time_seq_len 4096 --name context_parallel_bubble
 
 The real train step (`training.step.make_train_step`, AdamW, jitted with donation as in
 `training.loop`) of `configs/default.py` with the kind's blocks (d_model 128, 2 layers), on 8
@@ -17,7 +19,7 @@ tokens of context 1's). On a CPU the 8 devices are fake
 (`--xla_force_host_platform_device_count=8`) and share its cores, so the time is the split's
 total work (its overhead: two recurrence runs per shard, the ring's blocks), not a speed-up.
 
-Results: `benchmarks/results/context_parallel_<backend>.{json,md}`.
+Results: `benchmarks/results/<name>_<backend>.{json,md}`.
 """
 
 import os
@@ -141,11 +143,13 @@ def _ints(text):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kinds", default="gdn,attention")
+    parser.add_argument("--kinds", default="gdn,lmm,attention")
     parser.add_argument("--seq_lens", type=_ints, default=[16384, 32768, 65536])
     parser.add_argument("--contexts", type=_ints, default=[1, 2, 4, 8])
     parser.add_argument("--rows", type=_ints, default=[1], help="sequences per data group")
     parser.add_argument("--time_seq_len", type=int, default=16384, help="0: no timing")
+    parser.add_argument("--time_kinds", default="gdn,lmm", help="the kinds timed")
+    parser.add_argument("--name", default="context_parallel", help="results file stem")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -153,16 +157,26 @@ def main(argv=None):
         parser.error(f"needs {DEVICES} devices, found {jax.device_count()}")
     header = layer_cost.run_header("benchmarks.context_parallel", argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"context_parallel_{header['backend']}"
+    stem = args.out / f"{args.name}_{header['backend']}"
+    # A rerun replaces the rows it measures again and keeps the others (kinds run apart).
     rows = []
+    if stem.with_suffix(".json").exists():
+        rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+
+    def key(row):
+        return row["kind"], row["seq_len"], row.get("rows", 1), row["context"]
+
     for kind in [k for k in args.kinds.split(",") if k]:
         for seq_len in args.seq_lens:
             for per_shard in args.rows:
                 for context in args.contexts:
                     print(f"{kind} T={seq_len} rows={per_shard} context={context}",
                           file=sys.stderr, flush=True)  # fmt: skip
-                    steps = args.steps if seq_len == args.time_seq_len else 0
-                    rows.append(measure(kind, seq_len, context, steps, per_shard))
+                    timed = seq_len == args.time_seq_len and kind in args.time_kinds.split(",")
+                    steps = args.steps if timed else 0
+                    row = measure(kind, seq_len, context, steps, per_shard)
+                    rows = [r for r in rows if key(r) != key(row)] + [row]
+                    rows.sort(key=key)
                     stem.with_suffix(".json").write_text(
                         json.dumps({**header, "rows": rows}, indent=1)
                     )

@@ -311,8 +311,11 @@ def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):
                 new,
             )
 
+        # Recomputed in the backward: kept for every tick, the chunk scan's residuals made
+        # the pipeline hold (b + N - 1) rows' worth, more than one device running it all.
+        @jax.checkpoint
         def tick(carry, time):
-            received, outputs, finals = carry
+            received, finals = carry
             row = jnp.clip(time - shard, 0, rows - 1)
             valid = (time - shard >= 0) & (time - shard < rows)
             fresh = row_of(start, row)
@@ -329,15 +332,15 @@ def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):
                 return _varying(o), jax.tree.map(lambda x: x.astype(jnp.float32), state)
 
             o, final = jax.lax.cond(valid, run, idle, state, fresh, row)
-            outputs = put(outputs, row, o, valid)
             finals = put(finals, row, final, valid & (shard == size - 1))
-            return (jax.tree.map(_shift_from_previous, final), outputs, finals), None
+            return (jax.tree.map(_shift_from_previous, final), finals), o
 
         one_row = jax.tree.map(lambda x: jnp.zeros_like(x[:1], jnp.float32), start)
-        outputs = jnp.zeros((*tokens.v.shape[:-1], tokens.v.shape[-1]), tokens.v.dtype)
         finals = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), start)
-        carry = _varying((one_row, outputs, finals))
-        (_, outputs, finals), _ = jax.lax.scan(tick, carry, jnp.arange(rows + size - 1))
+        carry = _varying((one_row, finals))
+        (_, finals), per_tick = jax.lax.scan(tick, carry, jnp.arange(rows + size - 1))
+        # Row r ran at tick r + shard: [ticks, 1, L, ...] -> [rows, L, ...].
+        outputs = jax.lax.dynamic_slice_in_dim(per_tick, shard, rows, 0)[:, 0]
         # The sequence's final state is the last shard's; handed to every shard.
         return outputs, jax.tree.map(lambda x: jax.lax.psum(x, CONTEXT_AXIS), finals)
 

@@ -7,9 +7,10 @@ from benchmarks import context_parallel
 
 
 def test_memory_per_device_falls_with_context(tmp_path):
-    rows = context_parallel.main(["--kinds", "gdn", "--seq_lens", "2048", "--contexts", "1,4",
-                                  "--time_seq_len", "2048", "--steps", "1", "--out",
-                                  str(tmp_path)])  # fmt: skip
+    options = {"kinds": "gdn", "seq_lens": "2048", "contexts": "1,4", "time_seq_len": "2048",
+               "time_kinds": "gdn", "steps": "1", "out": str(tmp_path)}  # fmt: skip
+    rows = context_parallel.main([item for key, value in options.items()
+                                  for item in (f"--{key}", value)])  # fmt: skip
     single, split = rows
     assert (single["context"], split["context"]) == (1, 4) and split["data"] == 2
     # Each device holds a quarter of the sequence; parameters and optimiser state are whole.
