@@ -58,7 +58,7 @@ def check_layout(config, mesh) -> None:
     if micro_batch % devices:
         raise ConfigError(
             f"train.batch_size: {config.train.batch_size} (micro-batch {micro_batch}) is not "
-            f"divisible by the {devices} device groups of the mesh (data x fsdp)"
+            f"divisible by the {devices} devices of the mesh's batch axes (data x fsdp)"
         )
     context = mesh.shape["context"]
     sharding_lib.check_context_parallel(config, context)
