@@ -110,8 +110,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.recall_sweep --kinds atlas --seeds 1 --cores_per_run 2
 	$(PY) -m benchmarks.model_comparison --text_steps 300
 	$(PY) -m benchmarks.context_parallel
-	$(PY) -m benchmarks.context_parallel --kinds lmm --seq_lens 4096 --contexts 1,4 --rows 1,4 \
-	  --time_seq_len 4096 --name context_parallel_bubble
+	$(PY) -m benchmarks.context_parallel --kinds lmm --seq_lens 4096 --contexts 1,2,4,8 \
+	  --rows 1,2 --time_seq_len 4096 --time_kinds lmm
 	$(PY) -m benchmarks.plots
 	# The peers' interpreters: see benchmarks/peers_envs.md (a missing one gives "not importable" rows).
 	$(PY) -m benchmarks.peers --jla_python=$(JLA_PYTHON) --titans_python=$(TITANS_PYTHON) --threads=pinned
