@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from layers import attention as attention_lib  # a module: attention.py imports this one
+from layers import attention_math
 from pallas_kernels import linear_memory as recurrences
 from pallas_kernels.neural_memory import chunked
 from pallas_kernels.neural_memory.segments import where_rows
@@ -128,7 +128,7 @@ def ring_attention(query, key, value, *, segment_ids=None):
         def merge(stats, key, value, key_segments, source):
             best, total, weighted = stats
             key_index = source * length + jnp.arange(length)
-            mask = attention_lib.attention_mask(query_index, key_index, query_segments=segment_ids,
+            mask = attention_math.attention_mask(query_index, key_index, query_segments=segment_ids,
                                   key_segments=key_segments)[:, None, None]  # fmt: skip
             scores = jnp.einsum("bqkgd,bskd->bkgqs", grouped, key,
                                 preferred_element_type=jnp.float32) * head_dim**-0.5  # fmt: skip
@@ -188,7 +188,7 @@ def halo_sliding_window_attention(query, key, value, *, window, segment_ids=None
         )
         # Shard 0's halo is the last shard's tail, not the past: no real token matches -1.
         halo_segments = jnp.where(shard == 0, -1, halo_segments)
-        heads = attention_lib.sliding_window_attention(
+        heads = attention_math.sliding_window_attention(
             jnp.concatenate([jnp.zeros_like(query[:, :window]), query], axis=1),
             jnp.concatenate([halo_key, key], axis=1),
             jnp.concatenate([halo_value, value], axis=1),
