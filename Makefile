@@ -108,7 +108,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.recall_sweep --kinds gdn --num_kv_pairs 16 --seq_len 128 \
 	  --learning_rates 3e-3 --num_steps 4000 --seeds 0,1
 	$(PY) -m benchmarks.recall_sweep --kinds atlas --seeds 1 --cores_per_run 2
-	$(PY) -m benchmarks.model_comparison --text_steps 300
+	$(PY) -m benchmarks.model_comparison --seed 0
+	$(PY) -m benchmarks.model_comparison --seed 1
 	$(PY) -m benchmarks.context_parallel
 	$(PY) -m benchmarks.context_parallel --kinds lmm --seq_lens 4096 --contexts 1,2,4,8 \
 	  --rows 1,2 --time_seq_len 4096 --time_kinds lmm

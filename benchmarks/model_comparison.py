@@ -1,6 +1,6 @@
 """Train every model kind at the same size and steps on MQAR and on the default text corpus.
 
-    python -m benchmarks.model_comparison [--mqar_steps 0] [--text_steps 300]
+    python -m benchmarks.model_comparison [--mqar_steps 0] [--text_steps 600] [--seed 0]
         [--models attention,gdn,...] [--no-match_params] [--niah_lengths 64,128]
 
 Per kind (default: every registered block kind, `models.registered_blocks()`):
@@ -21,10 +21,12 @@ With `--match_params` (default) each kind's SwiGLU width (`model.mlp_dim`) is ch
 model has as close as possible the parameter count of the Transformer ("attention") of the
 same config; the counts are in the table. The Titans kinds keep `configs/titans.py`'s MQAR
 settings (window 8 / 16-token segments: recall past that must go through the memory) and
-other neural-memory kinds its chunk size 8. One seed: a first look, not a tuned comparison.
+other neural-memory kinds its chunk size 8. `--seed` sets the model's initialisation and
+the data order of both runs (`config.seed`); rows are kept per (kind, seed), so a second
+seed is a second run of the command.
 
 Writes `benchmarks/results/model_comparison.{json,md}` after every run, so a partial sweep
-still leaves its rows. Rows of kinds not in `--models` are kept from the JSON already in
+still leaves its rows. Rows of other (kind, seed) pairs are kept from the JSON already in
 `--out` (`--no-keep_other_rows` starts afresh), so one slow kind can be rerun alone; every
 row records the command and date that produced it, and the table lists them.
 """
@@ -163,21 +165,23 @@ def _fmt(value, fmt):
 
 def _display_rank(row):
     kind = row["model"]
-    return (DISPLAY_ORDER.index(kind) if kind in DISPLAY_ORDER else len(DISPLAY_ORDER), kind)
+    rank = DISPLAY_ORDER.index(kind) if kind in DISPLAY_ORDER else len(DISPLAY_ORDER)
+    return rank, kind, row.get("seed", 0)
 
 
-def earlier_rows(out: str, kinds) -> list[dict]:
-    """Rows of the JSON already in `out` for kinds other than `kinds` (none if absent)."""
+def earlier_rows(out: str, kinds, seed: int) -> list[dict]:
+    """Rows of the JSON already in `out` except those of `kinds` at `seed` (none if absent)."""
     path = os.path.join(out, "model_comparison.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
         payload = json.load(f)
-    rows = [row for row in payload.get("rows", []) if row["model"] not in kinds]
-    for row in rows:  # rows written before rows carried their own command
+    rows = payload.get("rows", [])
+    for row in rows:  # rows written before rows carried their own command and seed
         row.setdefault("command", payload.get("command", ""))
         row.setdefault("date", payload.get("date", ""))
-    return rows
+        row.setdefault("seed", 0)
+    return [row for row in rows if row["model"] not in kinds or row["seed"] != seed]
 
 
 def write(rows, header, out):
@@ -195,10 +199,10 @@ def write(rows, header, out):
               for command, (date, kinds) in sources.items()]  # fmt: skip
     lines += [
         "",
-        "| model | parameters (MQAR / text) | MQAR recall | MQAR loss | S-NIAH accuracy "
+        "| model | seed | parameters (MQAR / text) | MQAR recall | MQAR loss | S-NIAH accuracy "
         "| text bits/byte | text tokens/s | cache bytes fixed | cache bytes per token "
         "| wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         mqar_row, text_row = row.get("mqar", {}), row.get("text", {})
@@ -207,7 +211,7 @@ def write(rows, header, out):
         accuracy = mqar_row.get("eval_accuracy")
         niah = niah_row.get("accuracy")
         lines.append(
-            f"| {row['model']} | {row.get('parameters_mqar', '')} / "
+            f"| {row['model']} | {row.get('seed', 0)} | {row.get('parameters_mqar', '')} / "
             f"{row.get('parameters_text', '')} | "
             f"{_fmt(None if accuracy is None else 100 * accuracy, '%.1f%%')} | "
             f"{_fmt(mqar_row.get('eval_loss'), '%.3f')} | "
@@ -225,12 +229,14 @@ def compare(kind: str, args, targets: dict, rows: list, header: dict) -> None:
     """Train and evaluate one kind, writing the results after each stage."""
     mqar_run = mqar_config(kind, args.mqar_steps)
     text_run = text_config(kind, args.text_steps)
+    mqar_run.seed = text_run.seed = args.seed
     if args.match_params:
         mqar_run = match_parameters(mqar_run, targets["mqar"])
         text_run = match_parameters(text_run, targets["text"])
     mqar_run, text_run = resolved(mqar_run), resolved(text_run)
     row = {
         "model": kind,
+        "seed": args.seed,
         "command": header["command"],
         "date": header["date"],
         "parameters_mqar": parameter_count(mqar_run.model),
@@ -255,7 +261,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mqar_steps", type=int, default=0, help="0: each kind's recipe")
-    parser.add_argument("--text_steps", type=int, default=300)
+    parser.add_argument("--text_steps", type=int, default=600, help="configs/default.py's")
+    parser.add_argument("--seed", type=int, default=0, help="config.seed of both runs")
     parser.add_argument("--models", default=",".join(models.registered_blocks()))
     parser.add_argument("--match_params", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
@@ -281,7 +288,7 @@ def main(argv=None):
         "text": parameter_count(resolved(text_config("attention", 1)).model),
     }
     header["target_parameters"] = targets
-    rows = earlier_rows(args.out, kinds) if args.keep_other_rows else []
+    rows = earlier_rows(args.out, kinds, args.seed) if args.keep_other_rows else []
     for kind in kinds:
         compare(kind, args, targets, rows, header)
     print(open(os.path.join(args.out, "model_comparison.md")).read())

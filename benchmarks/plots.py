@@ -105,7 +105,9 @@ def _cache_kib(cache: dict | None, length: int) -> float:
 
 def plot_model_comparison(payload: dict, path: pathlib.Path) -> pathlib.Path:
     rows = payload["rows"]
-    names = [r["model"] for r in rows]
+    several_seeds = len({r.get("seed", 0) for r in rows}) > 1
+    names = [f"{r['model']} (seed {r.get('seed', 0)})" if several_seeds else r["model"]
+             for r in rows]  # fmt: skip
     panels = (
         ("MQAR recall (%)", lambda r: 100 * r.get("mqar", {}).get("eval_accuracy", float("nan"))),
         ("S-NIAH accuracy (%)", lambda r: 100 * _number(r.get("niah", {}).get("accuracy"))),

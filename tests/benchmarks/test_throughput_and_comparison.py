@@ -85,6 +85,6 @@ def test_model_comparison_row_and_plot(tmp_path):
         == json.loads((tmp_path / "model_comparison.json").read_text())["target_parameters"]["mqar"]
     )
     table = (tmp_path / "model_comparison.md").read_text()
-    assert table.index("| attention |") < table.index("| gdn |")  # display order
+    assert table.index("| attention | 0 |") < table.index("| gdn | 0 |")  # display order
     assert "`an earlier command` (gdn)" in table and "stale" not in table
     assert plots.plot_all(tmp_path) == [tmp_path / "model_comparison.png"]
