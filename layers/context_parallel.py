@@ -24,11 +24,13 @@ explicit collectives over "context":
   gives its outputs: exactly the single-device recurrence, at 2 runs of T / N tokens each.
 - Deep memories (Titans, ATLAS, the Miras kinds): the state map is not affine, so the shards
   of a sequence run in time order, each handing its final state (weights, momentum, Omega
-  window) to the next; a shard's rows are pipelined so that shards overlap (`deep_memory`).
-  A chunk must not straddle a shard boundary (it would change where gradients are taken).
+  window) to the next; a shard's rows are pipelined so that shards overlap (`pipelined`,
+  `deep_memory`). A chunk must not straddle a shard boundary (it would change where
+  gradients are taken). MAC's whole segment loop (retrieval, attention inside the segment,
+  memory update) runs the same way, with whole segments per shard (`models.titans_mac`).
 
-`training.sharding.check_context_parallel` refuses the kinds with no split form (MAC) and
-layouts these parts cannot take.
+`training.sharding.check_context_parallel` refuses the kinds with no split form (memory
+caching) and layouts these parts cannot take.
 """
 
 import jax
@@ -274,26 +276,36 @@ def matrix_memory(rule, q, k, v, g=None, beta=None, *, segment_ids=None, chunk_s
 # ------------------------------------------------------------------------- deep memories
 
 
-def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):
-    """`pallas_kernels.neural_memory` (chunked) with T split over "context" -> (o [B, T, H,
-    Dv], final state), the single-device result.
+def pipelined(run, tokens, initial, *, segment_ids=None, shared=None):
+    """A recurrence over T whose state map is not affine, with T split over "context":
+    `run(tokens, state, fresh, segment_ids, shared)` on one row of one shard (tokens: a
+    pytree of [1, T / N, ...], state: the row's incoming state, fresh: its initial one,
+    which a packed document restarts from; shared: the pytree `shared`, e.g. a module's
+    parameters, given to every shard whole -- passed in rather than closed over, as
+    `shard_map` cannot differentiate closed-over values that carry a mesh sharding)
+    -> (outputs pytree [1, T / N, ...], final state). Returns
+    (outputs [B, T, ...], the sequence's final states [B, ...]), the single-device result.
 
-    A deep memory's state map is not affine, so shard i can only start a sequence once
-    shard i - 1 has finished its part. The rows of a shard's batch are pipelined: at tick t
-    shard i runs row t - i from the state shard i - 1 handed over after running that row at
-    tick t - 1, so with b rows per shard every shard is busy for b of the b + N - 1 ticks
-    (the bubble: (N - 1) / (b + N - 1)). inputs: `MemoryInputs` [B, T, H, ...];
-    initial_state: `NeuralMemoryState` [B, H, ...], also what a packed document restarts
-    from."""
+    Shard i can only start a row once shard i - 1 has finished it, so the rows of a shard's
+    batch are pipelined: at tick t shard i runs row t - i from the state shard i - 1 handed
+    over after running that row at tick t - 1; with b rows per shard every shard is busy for
+    b of the b + N - 1 ticks (the bubble: (N - 1) / (b + N - 1)). initial: a pytree of
+    [B, ...], the states the rows start from."""
+    leaves, tree = jax.tree.flatten(tokens)
     if segment_ids is None:
-        segment_ids = jnp.zeros(inputs.q.shape[:2], jnp.int32)
+        segment_ids = jnp.zeros(leaves[0].shape[:2], jnp.int32)
     size = context_size()
-    token_leaves, token_tree = jax.tree.flatten(inputs)
-    state_leaves, state_tree = jax.tree.flatten(initial_state)
+    state_leaves, state_tree = jax.tree.flatten(initial)
+    shared_leaves, shared_tree = jax.tree.flatten(shared)
+    split = (len(leaves), len(leaves) + len(state_leaves))
 
-    def local(segment_ids, *leaves):
-        tokens = jax.tree.unflatten(token_tree, leaves[: len(token_leaves)])
-        start = jax.tree.unflatten(state_tree, leaves[len(token_leaves) :])
+    def local(segment_ids, *arrays):
+        tokens = jax.tree.unflatten(tree, arrays[: split[0]])
+        start = jax.tree.unflatten(state_tree, arrays[split[0] : split[1]])
+        # Made per-shard values here, not inside the ticks' `lax.cond`: the backward sums
+        # their gradients over the shards where they become varying, and a sum inside a
+        # branch that only some shards take never completes.
+        shared = _varying(jax.tree.unflatten(shared_tree, arrays[split[1] :]))
         shard = jax.lax.axis_index(CONTEXT_AXIS)
         rows = segment_ids.shape[0]
         # A row enters this shard with the previous shard's state unless a packed document
@@ -311,7 +323,14 @@ def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):
                 new,
             )
 
-        # Recomputed in the backward: kept for every tick, the chunk scan's residuals made
+        def run_row(state, fresh, row):
+            return run(row_of(tokens, row), state, fresh, row_of(segment_ids, row), shared)
+
+        first = _varying(row_of(start, 0))  # as a received state is
+        shapes = jax.eval_shape(run_row, first, first, 0)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)  # (outputs, state)
+
+        # Recomputed in the backward: kept for every tick, the chunk scans' residuals made
         # the pipeline hold (b + N - 1) rows' worth, more than one device running it all.
         @jax.checkpoint
         def tick(carry, time):
@@ -321,35 +340,49 @@ def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):
             fresh = row_of(start, row)
             state = where_rows(row_of(continues, row), received, fresh)
 
-            def run(state, fresh, row):
-                return chunked.chunked_scan(
-                    spec, row_of(tokens, row), state, chunk_size, row_of(segment_ids, row),
-                    restart_from=fresh,
-                )  # fmt: skip
-
             def idle(state, fresh, row):  # the pipeline's bubble: this shard waits
-                o = jnp.zeros((1, *tokens.v.shape[1:]), tokens.v.dtype)
-                return _varying(o), jax.tree.map(lambda x: x.astype(jnp.float32), state)
+                outputs = _varying(zeros[0])
+                return outputs, jax.tree.map(lambda x, z: x.astype(z.dtype), state, zeros[1])
 
-            o, final = jax.lax.cond(valid, run, idle, state, fresh, row)
+            outputs, final = jax.lax.cond(valid, run_row, idle, state, fresh, row)
             finals = put(finals, row, final, valid & (shard == size - 1))
-            return (jax.tree.map(_shift_from_previous, final), finals), o
+            return (jax.tree.map(_shift_from_previous, final), finals), outputs
 
-        one_row = jax.tree.map(lambda x: jnp.zeros_like(x[:1], jnp.float32), start)
-        finals = jax.tree.map(lambda x: jnp.zeros_like(x, jnp.float32), start)
-        carry = _varying((one_row, finals))
+        finals = jax.tree.map(lambda x: jnp.zeros((rows, *x.shape[1:]), x.dtype), zeros[1])
+        carry = _varying((zeros[1], finals))
         (_, finals), per_tick = jax.lax.scan(tick, carry, jnp.arange(rows + size - 1))
         # Row r ran at tick r + shard: [ticks, 1, L, ...] -> [rows, L, ...].
-        outputs = jax.lax.dynamic_slice_in_dim(per_tick, shard, rows, 0)[:, 0]
+        outputs = jax.tree.map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, shard, rows, 0)[:, 0], per_tick
+        )
         # The sequence's final state is the last shard's; handed to every shard.
         return outputs, jax.tree.map(lambda x: jax.lax.psum(x, CONTEXT_AXIS), finals)
 
-    in_specs = (_token_spec(2), *(_token_spec(x.ndim) for x in token_leaves),
-                *(_whole_spec(x.ndim) for x in state_leaves))  # fmt: skip
+    output_shapes = jax.eval_shape(
+        lambda tokens, start: run(tokens, start, start, segment_ids[:1], shared)[0],
+        jax.tree.map(lambda x: x[:1], tokens),
+        jax.tree.map(lambda x: x[:1], initial),
+    )
+    in_specs = (_token_spec(2), *(_token_spec(x.ndim) for x in leaves),
+                *(_whole_spec(x.ndim) for x in state_leaves),
+                *(PartitionSpec() for _ in shared_leaves))  # fmt: skip
     out_specs = (
-        _token_spec(4),
+        jax.tree.map(lambda x: _token_spec(x.ndim), output_shapes),
         jax.tree.unflatten(state_tree, [_whole_spec(x.ndim) for x in state_leaves]),
     )
     return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs)(
-        segment_ids, *token_leaves, *state_leaves
+        segment_ids, *leaves, *state_leaves, *shared_leaves
     )
+
+
+def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):
+    """`pallas_kernels.neural_memory` (chunked) with T split over "context" -> (o [B, T, H,
+    Dv], final state), the single-device result, through `pipelined` (a deep memory's state
+    map is not affine). inputs: `MemoryInputs` [B, T, H, ...]; initial_state:
+    `NeuralMemoryState` [B, H, ...], also what a packed document restarts from."""
+
+    def run(tokens, state, fresh, segment_ids, shared):
+        return chunked.chunked_scan(spec, tokens, state, chunk_size, segment_ids,
+                                    restart_from=fresh)  # fmt: skip
+
+    return pipelined(run, inputs, initial_state, segment_ids=segment_ids)

@@ -4,8 +4,10 @@ kind "mac". The shared parts (memory construction, gating, options) are in `mode
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from errors import ConfigError, DataError
+from layers import context_parallel
 from layers.attention import (
     attention_mask,
 )
@@ -86,15 +88,46 @@ class MACBlock(GatedAttentionBlock):
     def segments(self, x, positions):
         """The segment loop -> (gated outputs [B, T, D], final memory state, the memory's
         write inputs (`MemoryInputs` [B, T', ...]: `NeuralMemory.features` of the attention
-        outputs, T' = T padded to whole segments; what `evals.memory_behaviour` traces))."""
+        outputs, T' = T padded to whole segments; what `evals.memory_behaviour` traces)).
+
+        With T split over the mesh's "context" axis (whole segments per shard,
+        `training.sharding.check_context_parallel`) the segments of a row run shard after
+        shard, each handing its memory and conv states to the next, pipelined over the rows
+        (`context_parallel.pipelined`; the write inputs are not gathered: None)."""
         batch, length, _ = x.shape
-        size = self.segment_size
-        num_segments = -(-length // size)
-        padding = num_segments * size - length
+        padding = -length % self.segment_size
         normed = self.memory_norm(x)
         normed = jnp.pad(normed, ((0, 0), (0, padding), (0, 0)))
         positions = jnp.pad(positions, ((0, 0), (0, padding)), mode="edge")
         retrieval_queries, _ = self.memory.queries(normed)  # the conv runs across segments
+        conv_states = {}
+        if self.memory.conv_size > 0:
+            conv_states = {
+                name: getattr(self.memory, f"{name}_conv").init_state(batch)
+                for name in ("query", "key", "value")
+            }
+        start = (self.memory.initial_state(batch), conv_states)
+        tokens = (normed, retrieval_queries, positions)
+        if context_parallel.context_size() > 1:
+            graph, parameters = nnx.split(self)
+
+            def run(tokens, carry, fresh, segment_ids, parameters):
+                del fresh, segment_ids  # MAC takes no packed documents
+                block = nnx.merge(graph, parameters)
+                outputs, carry, _ = block.segment_scan(tokens, carry)
+                return outputs, carry
+
+            outputs, (state, _) = context_parallel.pipelined(run, tokens, start, shared=parameters)
+            return outputs[:, :length], state, None
+        outputs, (state, _), writes = self.segment_scan(tokens, start)
+        return outputs[:, :length], state, writes
+
+    def segment_scan(self, tokens, carry):
+        """Segments in order (`lax.scan`) from carry (memory state, conv states of the
+        written stream): tokens (normed x [B, S*N, D], retrieval queries, positions) ->
+        (gated outputs [B, S*N, D], final carry, write inputs [B, S*N, ...])."""
+        batch, size = tokens[0].shape[0], self.segment_size
+        num_segments = tokens[0].shape[1] // size
 
         def segments(a):  # [B, S*N, ...] -> [S, B, N, ...]
             return jnp.moveaxis(a.reshape(batch, num_segments, size, *a.shape[2:]), 1, 0)
@@ -116,20 +149,12 @@ class MACBlock(GatedAttentionBlock):
             remembered = self.memory.output(read_out, attended.astype(self.dtype))
             return (state, conv_states), (self.gate(attended, remembered), inputs)
 
-        conv_states = {}
-        if self.memory.conv_size > 0:
-            conv_states = {
-                name: getattr(self.memory, f"{name}_conv").init_state(batch)
-                for name in ("query", "key", "value")
-            }
-        carry = (self.memory.initial_state(batch), conv_states)
-        inputs = (segments(normed), segments(retrieval_queries), segments(positions))
-        (state, _), (outputs, writes) = jax.lax.scan(segment_step, carry, inputs)
+        carry, (outputs, writes) = jax.lax.scan(segment_step, carry, jax.tree.map(segments, tokens))
 
         def unsegment(a):  # [S, B, N, ...] -> [B, S*N, ...]
             return jnp.moveaxis(a, 0, 1).reshape(batch, num_segments * size, *a.shape[3:])
 
-        return unsegment(outputs)[:, :length], state, jax.tree.map(unsegment, writes)
+        return unsegment(outputs), carry, jax.tree.map(unsegment, writes)
 
     def memory_writes(self, x, *, positions):
         """What MAC writes to its memory (the probe contract): each segment's attention

@@ -25,12 +25,15 @@ CONTEXT_PARALLEL_KINDS = (
     *("attention", "swa"),  # ring attention, halo exchange
     *("linear_attention", "gla", "deltanet", "gdn", "mom"),  # affine state composition
     *DEEP_MEMORY_KINDS,  # pipelined over a shard's rows
+    "mac",  # its segments pipelined too, whole segments per shard
 )
 NOT_SPLIT = {
-    "mac": "its segments' attention reads the memory at each segment start, which has no "
-    "split form yet",
+    "gdn_mc": "memory caching's reads of the cached segment states have no split form yet",
+    "lmm_mc": "memory caching's reads of the cached segment states have no split form yet",
 }
 NOT_SPLIT_DEFAULT = "it has no split form yet"
+# Kinds that run in fixed windows of the row: a shard must hold whole ones.
+SEGMENT_KEYS = {"mac": "segment_size"}
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -85,6 +88,13 @@ def check_context_parallel(config, context: int) -> None:
             raise ConfigError(
                 f"mesh.context={context}: model.{kind}.chunk_size={chunk} does not divide a "
                 f"shard's {shard} tokens (data.seq_len / mesh.context)"
+            )
+        segment_key = SEGMENT_KEYS.get(kind)
+        if segment_key and shard % config.model[kind][segment_key]:
+            raise ConfigError(
+                f"mesh.context={context}: model.{kind}.{segment_key}="
+                f"{config.model[kind][segment_key]} does not divide a shard's {shard} tokens "
+                "(data.seq_len / mesh.context)"
             )
         window = config.model[kind].get("window", 0) if kind in config.model else 0
         if window > shard:  # the halo exchange reaches one shard back

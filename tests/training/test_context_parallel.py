@@ -99,6 +99,7 @@ CASES = [
     ("mal", {"window": 6, "chunk_size": 8}),
     ("mag", {"window": 6, "chunk_size": 8}),  # + persistent tokens every shard sees
     ("atlas", {"chunk_size": 4}),  # the Omega window (c = 4) spans shard boundaries
+    ("mac", {"segment_size": 4, "chunk_size": 2}),  # two segments per shard, unpacked rows
     pytest.param("yaad", {"chunk_size": 8}, marks=pytest.mark.slow),  # lmm's path, Huber bias
 ]
 
@@ -107,6 +108,8 @@ CASES = [
 def test_context_parallel_matches_data_parallel(kind, options):
     config = kind_config(kind, **options)
     batch = packed_batch(config.model.vocab_size)
+    if kind == "mac":  # its segments are fixed windows of the row: no packed documents
+        del batch["segment_ids"]
     expected = loss_and_grads(config, batch, data=8, context=1)
     got = loss_and_grads(config, batch, data=2, context=4)
     np.testing.assert_allclose(got[0], expected[0], rtol=LOSS_RTOL)
@@ -116,8 +119,8 @@ def test_context_parallel_matches_data_parallel(kind, options):
 
 
 def test_a_kind_that_cannot_be_split_is_refused_by_name():
-    config = kind_config("mac")
-    with pytest.raises(ConfigError, match="mesh.context=4: block kind 'mac' cannot be split"):
+    config = kind_config("gdn_mc")
+    with pytest.raises(ConfigError, match="mesh.context=4: block kind 'gdn_mc' cannot be split"):
         sharding_lib.check_context_parallel(config, 4)
 
 
@@ -127,6 +130,7 @@ def test_a_kind_that_cannot_be_split_is_refused_by_name():
         ("swa", 30, {}, "data.seq_len=30 is not divisible"),
         ("swa", 32, {"window": 12}, "model.swa.window=12 exceeds a shard's 8 tokens"),
         ("lmm", 32, {"chunk_size": 16}, "model.lmm.chunk_size=16 does not divide a shard's 8"),
+        ("mac", 32, {"segment_size": 16}, "model.mac.segment_size=16 does not divide a shard's 8"),
     ],
 )
 def test_bad_context_layouts_are_named(kind, seq_len, options, message):
