@@ -37,6 +37,11 @@ no -inf arithmetic: with `r_i` the number of resets at or before position i in t
 Γ_ij is kept only where r_i = r_j, γ_i only where r_i = 0, and likewise for the end decays.
 Padding tokens (k = 0, β = 0, g = 0) leave the state unchanged.
 
+How much of this runs at once is a choice of layout, not of math (`chunks_per_step`): on
+accelerators every chunk's matrices are built in one go and only the state recurrence is a
+scan; on CPU the scan steps through the chunks one at a time with all of a chunk's work
+inside the step, recomputed in the backward, which keeps the working set in cache.
+
 Matmuls use JAX's default precision (`jax_default_matmul_precision`): full float32 on CPU;
 on TPU / recent GPUs the default multiplies float32 in bf16 passes / TF32.
 """
@@ -97,31 +102,40 @@ def unit_lower_inverse(strictly_lower):
     return inverse[..., 0, :chunk, :chunk]
 
 
-def _to_chunks(x, num_chunks, chunk_size):
-    """[B, T, H, ...] -> [B, H, N, C, ...] (T = N * C)."""
-    batch_size, _, num_heads = x.shape[:3]
-    x = x.reshape(batch_size, num_chunks, chunk_size, num_heads, *x.shape[3:])
-    return jnp.moveaxis(x, 3, 1)
-
-
 def _pad_time(x, padded_length):
     pad = [(0, 0)] * x.ndim
     pad[1] = (0, padded_length - x.shape[1])
     return jnp.pad(x, pad)
 
 
+def chunks_per_step_default() -> int | None:
+    """Chunks per step of the scan (`recurrence`): 1 on CPU, None (all at once) elsewhere.
+
+    On CPU the [B, H, N, C, C] intermediates of all chunks at once outgrow the caches as T
+    grows (time per token rose 1.4x from T 1K to 16K); one chunk per step, recomputed in
+    the backward, keeps a step's working set in cache and the time linear in T: 1.4x
+    (T 1K) to 2.0x (T 16K) faster forward + backward, B1 H4 D64 chunk 64, pinned to one
+    core (`benchmarks/results/linear_memory_chunking.md`). Accelerators want the opposite:
+    as much parallel work per op as possible."""
+    return 1 if jax.default_backend() == "cpu" else None
+
+
 def recurrence(
-    q, k, v, g=None, beta=None, *, scale, initial_state=None, segment_ids=None, chunk_size=64
-):
+    q, k, v, g=None, beta=None, *, scale, initial_state=None, segment_ids=None, chunk_size=64,
+    chunks_per_step="auto",
+):  # fmt: skip
     """Chunk-parallel version of `reference.recurrence` (same arguments and results).
 
     `g=None` means no decay, `beta=None` the additive update `S += k v^T`; see the module
     docstring for the equations. Internally float32; `o` is returned in v's dtype.
+    chunks_per_step: how many chunks each step of the scan over the sequence computes at
+    once (None: all, in one step; "auto": `chunks_per_step_default()`). With fewer than
+    all, each step is recomputed in the backward (`jax.checkpoint`), so only the chunk
+    inputs and the states between steps are kept. Every choice computes the same thing.
     """
     batch_size, length, num_heads, key_dim = q.shape
     value_dim, out_dtype = v.shape[-1], v.dtype
     f32 = jnp.float32
-    use_delta = beta is not None
     if g is None:
         g = jnp.zeros((batch_size, length, num_heads), f32)
     if initial_state is None:
@@ -131,13 +145,41 @@ def recurrence(
     # Pad to whole chunks with tokens that leave the state unchanged: zero q, k, v, g, β;
     # resets are padded with False so the last segment simply runs on.
     num_chunks = -(-length // chunk_size)
-    padded = num_chunks * chunk_size
+    if chunks_per_step == "auto":
+        chunks_per_step = chunks_per_step_default()
+    per_step = min(chunks_per_step or num_chunks, num_chunks)
+    num_steps = -(-num_chunks // per_step)
+    padded = num_steps * per_step * chunk_size
     q, k, v, g = (_pad_time(x.astype(f32), padded) for x in (q, k, v, g))
-    resets = _pad_time(resets, padded)
+    resets = _pad_time(resets, padded)[:, :, None]  # shared by the heads
+    inputs = [q, k, v, g, resets] + ([] if beta is None else [_pad_time(beta.astype(f32), padded)])
 
-    q, k, v, g = (_to_chunks(x, num_chunks, chunk_size) for x in (q, k, v, g))
-    # Resets are shared by the heads: [B, 1, N, C].
-    reset_count = jnp.cumsum(_to_chunks(resets[:, :, None], num_chunks, chunk_size), axis=-1)
+    def chunk_steps(x):  # [B, T, H, ...] -> [steps, B, H, chunks per step, C, ...]
+        x = x.reshape(batch_size, num_steps, per_step, chunk_size, *x.shape[2:])
+        return jnp.moveaxis(jnp.moveaxis(x, 4, 2), 1, 0)
+
+    def step(state, chunk_inputs):
+        o, state = _chunks(state, *chunk_inputs, scale=scale)
+        return state, o
+
+    if num_steps == 1:
+        final_state, o = step(initial_state.astype(f32), [chunk_steps(x)[0] for x in inputs])
+        o = o[None]
+    else:
+        final_state, o = jax.lax.scan(
+            jax.checkpoint(step), initial_state.astype(f32), [chunk_steps(x) for x in inputs]
+        )
+    # [steps, B, H, chunks per step, C, Dv] -> [B, T, H, Dv]
+    o = jnp.moveaxis(jnp.moveaxis(o, 0, 1), 2, 4).reshape(batch_size, padded, num_heads, value_dim)
+    return o[:, :length].astype(out_dtype), final_state
+
+
+def _chunks(initial_state, q, k, v, g, resets, beta=None, *, scale):
+    """The recurrence over N consecutive chunks from `initial_state`: inputs [B, H, N, C, ...]
+    (resets [B, 1, N, C]) -> (o [B, H, N, C, Dv], the state after the last chunk)."""
+    value_dim, chunk_size = v.shape[-1], q.shape[-2]
+    use_delta = beta is not None
+    reset_count = jnp.cumsum(resets, axis=-1)  # resets at or before each position
 
     decay_log = jnp.cumsum(g, axis=-1)  # G_i, [B, H, N, C]
     pair_log = _pairwise_decay_log(g)  # G_i - G_j, [B, H, N, C, C]
@@ -151,7 +193,6 @@ def recurrence(
     chunk_decay = _masked_exp(decay_log[..., -1], reset_count[..., -1] == 0)  # γ_C
 
     if use_delta:
-        beta = _to_chunks(_pad_time(beta.astype(f32), padded), num_chunks, chunk_size)
         key_gram = jnp.einsum("bhnik,bhnjk->bhnij", k, k)
         strictly_lower = positions[:, None] > positions[None, :]
         a_matrix = jnp.where(strictly_lower, beta[..., :, None] * gamma * key_gram, 0.0)
@@ -177,15 +218,17 @@ def recurrence(
         return None if x is None else jnp.moveaxis(x, 2, 0)
 
     scanned = tuple(chunk_major(x) for x in (values, w_matrix, decayed_keys, chunk_decay))
-    final_state, (start_states, new_values) = jax.lax.scan(
-        chunk_step, initial_state.astype(f32), scanned
-    )
-    start_states = jnp.moveaxis(start_states, 0, 2)  # [B, H, N, Dk, Dv]
-    new_values = jnp.moveaxis(new_values, 0, 2)  # [B, H, N, C, Dv]
+    if q.shape[2] == 1:  # one chunk: no inner scan
+        final_state, (start_states, new_values) = chunk_step(
+            initial_state, tuple(None if x is None else x[0] for x in scanned)
+        )
+        start_states, new_values = start_states[:, :, None], new_values[:, :, None]
+    else:
+        final_state, (start_states, new_values) = jax.lax.scan(chunk_step, initial_state, scanned)
+        start_states = jnp.moveaxis(start_states, 0, 2)  # [B, H, N, Dk, Dv]
+        new_values = jnp.moveaxis(new_values, 0, 2)  # [B, H, N, C, Dv]
 
     intra = gamma * jnp.einsum("bhnik,bhnjk->bhnij", q, k)
     o = jnp.einsum("bhnck,bhnkv->bhncv", start_decay[..., None] * q, start_states)
     o = scale * (o + jnp.einsum("bhnij,bhnjv->bhniv", intra, new_values))
-
-    o = jnp.moveaxis(o, 1, 3).reshape(batch_size, padded, num_heads, value_dim)
-    return o[:, :length].astype(out_dtype), final_state
+    return o, final_state

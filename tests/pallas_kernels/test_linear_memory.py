@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import linear_memory
+from pallas_kernels.linear_memory import chunked
 
 # Tolerances, fixed once: max |actual - expected| <= TOL * max(1, max |expected|), per array.
 # float32: chunked and reference differ only by summation order (observed <= 5e-7).
@@ -198,6 +199,39 @@ def test_chunk_size_does_not_change_results(rule):
     for chunk_size, (o, final_state) in zip((1, 7), results[:-1]):
         assert_close(o, results[-1][0], F32_TOL, f"o, chunk {chunk_size} vs 64")
         assert_close(final_state, results[-1][1], F32_TOL, f"state, chunk {chunk_size} vs 64")
+
+
+@pytest.mark.parametrize("chunks_per_step", [None, 3])
+def test_chunks_per_scan_step_do_not_change_results(chunks_per_step):
+    """All chunks at once (accelerators' default) and 3 per step (5 chunks: the last step
+    padded) give the reference's outputs and gradients, as 1 per step (CPU's) does above."""
+    length, rule = 37, "gated_delta_rule"
+    inputs = make_inputs(seed=5, length=length)
+    segment_ids = packed_segment_ids(length)
+    expected = call(rule, inputs, segment_ids=segment_ids, impl="reference")
+    names = differentiable_names(rule)
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(inputs["v"].shape))
+
+    def loss(differentiable):
+        x = {**inputs, **differentiable}
+        o, final_state = chunked.recurrence(
+            x["q"], x["k"], x["v"], x["g"], x["beta"], scale=KEY_DIM**-0.5,
+            initial_state=x["initial_state"], segment_ids=segment_ids, chunk_size=8,
+            chunks_per_step=chunks_per_step,
+        )  # fmt: skip
+        return jnp.sum(o * cotangent), (o, final_state)
+
+    grads, (o, final_state) = jax.jit(jax.grad(loss, has_aux=True))({n: inputs[n] for n in names})
+    assert_close(o, expected[0], F32_TOL, "o")
+    assert_close(final_state, expected[1], F32_TOL, "final_state")
+
+    def reference_loss(differentiable):
+        o, _ = call(rule, {**inputs, **differentiable}, segment_ids=segment_ids, impl="reference")
+        return jnp.sum(o * cotangent)
+
+    reference_grads = jax.grad(reference_loss)({n: inputs[n] for n in names})
+    for name in names:
+        assert_close(grads[name], reference_grads[name], F32_TOL, f"d{name}")
 
 
 def test_packed_segments_equal_separate_sequences():
