@@ -71,8 +71,13 @@ def _pairwise_decay_log(g):
     return jnp.cumsum(terms, axis=-2)
 
 
+@jax.custom_vjp
 def unit_lower_inverse(strictly_lower):
     """(I + A)^{-1} for strictly lower triangular A ([..., C, C]), by recursive blocking.
+
+    Only A's strictly lower entries are read. Its gradient is written out
+    (`_unit_lower_inverse_backward`): differentiating the blocking itself made the
+    backward of the whole chunked recurrence ~1.25x slower on CPU.
 
     Diagonal blocks are inverted bottom-up, doubling their size each level:
     inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]] with X = inv(L), so log2(C)
@@ -100,6 +105,21 @@ def unit_lower_inverse(strictly_lower):
         inverse = jnp.concatenate([top, bottom], axis=-2)
         block *= 2
     return inverse[..., 0, :chunk, :chunk]
+
+
+def _unit_lower_inverse_forward(strictly_lower):
+    inverse = unit_lower_inverse(strictly_lower)
+    return inverse, inverse
+
+
+def _unit_lower_inverse_backward(inverse, cotangent):
+    """X = (I + A)^{-1} gives dX = -X dA X, so the cotangent of A is -X^T dX̄ X^T, kept
+    on the strictly lower entries (the only ones the forward reads)."""
+    transposed = jnp.swapaxes(inverse, -1, -2)
+    return (jnp.tril(-(transposed @ cotangent @ transposed), -1),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_forward, _unit_lower_inverse_backward)
 
 
 def _pad_time(x, padded_length):

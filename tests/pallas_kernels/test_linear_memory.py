@@ -201,6 +201,23 @@ def test_chunk_size_does_not_change_results(rule):
         assert_close(final_state, results[-1][1], F32_TOL, f"state, chunk {chunk_size} vs 64")
 
 
+def test_triangular_inverse_has_the_gradient_of_its_blocking():
+    """The written-out VJP of (I + A)^{-1} equals autodiff through the blocked inverse
+    (37 x 37: padded to 64 inside), upper entries and diagonal of A getting none."""
+    rng = np.random.default_rng(3)
+    strictly_lower = jnp.asarray(np.tril(0.3 * rng.standard_normal((3, 37, 37)), -1), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((3, 37, 37)), jnp.float32)
+    full = strictly_lower + jnp.asarray(np.triu(rng.standard_normal((37, 37))), jnp.float32)
+
+    def gradient(inverse, a):
+        return jax.grad(lambda a: jnp.sum(inverse(a) * cotangent))(a)
+
+    written = gradient(chunked.unit_lower_inverse, full)
+    differentiated = gradient(chunked.unit_lower_inverse.fun, full)
+    assert_close(written, differentiated, F32_TOL, "dA")
+    assert not np.any(np.triu(np.asarray(written)))
+
+
 @pytest.mark.parametrize("chunks_per_step", [None, 3])
 def test_chunks_per_scan_step_do_not_change_results(chunks_per_step):
     """All chunks at once (accelerators' default) and 3 per step (5 chunks: the last step
