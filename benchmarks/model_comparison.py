@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -46,6 +47,7 @@ from flax import nnx
 import models
 from benchmarks import layer_cost
 from configs import base, default, mqar, titans
+from errors import NonFiniteError
 from evals import common, recall
 from training import config_validation, loop
 
@@ -128,11 +130,16 @@ def cache_bytes(model_config) -> dict:
 
 
 def train(config, workdir: str) -> dict:
+    """Train and evaluate; a run that diverges (`NonFiniteError`) is a result too:
+    {"diverged": "<the error's line>"}, so one kind's divergence does not end a sweep."""
     steps = config.train.num_steps
     config.eval.every_steps = config.checkpoint.every_steps = steps
     config.log.every_steps = max(1, steps // 4)  # the last interval is compile-free
     start = time.perf_counter()
-    metrics = loop.run(resolved(config), workdir)
+    try:
+        metrics = loop.run(resolved(config), workdir)
+    except NonFiniteError as error:
+        return {"diverged": str(error), "seconds": time.perf_counter() - start}
     return {
         "eval_loss": metrics["eval_loss"],
         "eval_accuracy": metrics["eval_accuracy"],
@@ -161,6 +168,14 @@ def niah_accuracy(workdir: str, lengths, num_examples: int) -> dict:
 
 def _fmt(value, fmt):
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else fmt % value
+
+
+def _diverged_or(run: dict, text: str) -> str:
+    """A table cell: `text`, or where the run diverged, the step at which it did."""
+    if "diverged" not in run:
+        return text
+    step = re.search(r"at step (\d+)", run["diverged"])
+    return f"diverged (step {step.group(1)})" if step else "diverged"
 
 
 def _display_rank(row):
@@ -209,14 +224,15 @@ def write(rows, header, out):
         niah_row, cache = row.get("niah", {}), row.get("cache", {})
         seconds = mqar_row.get("seconds", 0) + text_row.get("seconds", 0)
         accuracy = mqar_row.get("eval_accuracy")
+        recall = None if accuracy is None else 100 * accuracy
         niah = niah_row.get("accuracy")
         lines.append(
             f"| {row['model']} | {row.get('seed', 0)} | {row.get('parameters_mqar', '')} / "
             f"{row.get('parameters_text', '')} | "
-            f"{_fmt(None if accuracy is None else 100 * accuracy, '%.1f%%')} | "
+            f"{_diverged_or(mqar_row, _fmt(recall, '%.1f%%'))} | "
             f"{_fmt(mqar_row.get('eval_loss'), '%.3f')} | "
             f"{_fmt(None if niah is None else 100 * niah, '%.1f%%')} | "
-            f"{_fmt(text_row.get('bits_per_token'), '%.3f')} | "
+            f"{_diverged_or(text_row, _fmt(text_row.get('bits_per_token'), '%.3f'))} | "
             f"{_fmt(text_row.get('tokens_per_second'), '%.0f')} | "
             f"{_fmt(cache.get('fixed'), '%.0f')} | {_fmt(cache.get('per_token'), '%.0f')} | "
             f"{seconds:.0f} |"
@@ -249,7 +265,7 @@ def compare(kind: str, args, targets: dict, rows: list, header: dict) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         row["mqar"] = train(mqar_run, workdir)
         write(rows, header, args.out)
-        if args.niah_lengths:
+        if args.niah_lengths and "diverged" not in row["mqar"]:
             row["niah"] = niah_accuracy(workdir, args.niah_lengths, args.niah_examples)
             write(rows, header, args.out)
     with tempfile.TemporaryDirectory() as workdir:

@@ -88,3 +88,16 @@ def test_model_comparison_row_and_plot(tmp_path):
     assert table.index("| attention | 0 |") < table.index("| gdn | 0 |")  # display order
     assert "`an earlier command` (gdn)" in table and "stale" not in table
     assert plots.plot_all(tmp_path) == [tmp_path / "model_comparison.png"]
+
+
+def test_a_diverging_run_is_a_result_not_the_end_of_the_sweep(tmp_path):
+    config = model_comparison.mqar_config("attention", 2)
+    config.model.init_std = float("nan")  # NaN weights: the loss is NaN at the first step
+    run = model_comparison.train(config, str(tmp_path / "run"))
+    assert "non-finite" in run["diverged"]
+    row = {"model": "attention", "seed": 0, "command": "c", "date": "d", "mqar": run}
+    model_comparison.write([row], {"machine": "test"}, str(tmp_path))
+    assert (
+        "| attention | 0 |  /  | diverged (step 1) |"
+        in (tmp_path / "model_comparison.md").read_text()
+    )
