@@ -21,7 +21,8 @@ the layers every parameter too):
 
 Nothing is installed here (see benchmarks/peers_envs.md for the peers' environments).
 Each side of each shape runs in its own worker process (`--worker`, this file run by the
-side's interpreter: ours under sys.executable, a peer under the interpreter given), which
+side's interpreter: ours under --ours_python (default: this one, e.g. .venv-py3.12's for the
+newest jax), a peer under the interpreter given), which
 builds the inputs from a fixed numpy seed, compiles (jit, or for torch one eager warm-up
 step; not timed) and then answers "time N" lines on stdin with a JSON line of N timings.
 Rounds interleave: round r times ours then the peer for every shape, and the median over
@@ -258,7 +259,7 @@ class Worker:
             return
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env.pop("XLA_FLAGS", None)
-        if python == sys.executable:  # ours: the project's package, from the repository root
+        if "--side=ours" in argv:  # ours: the project's package, from the repository root
             command = [python, "-m", "benchmarks.peers", "--worker", *argv]
         else:  # a peer: this file alone (-P: its folder is not put on sys.path)
             env.pop("PYTHONPATH", None)
@@ -339,7 +340,7 @@ def plan(args):
                 shape,
                 [
                     ("jax-linear-attention", args.jla_python, argv + common),
-                    ("ours", sys.executable, argv + common),
+                    ("ours", args.ours_python, argv + common),
                 ],
             )
         )
@@ -348,7 +349,7 @@ def plan(args):
         argv = ["--comparison=titans", f"--shape={'x'.join(map(str, shape))}", *width, *common]
         sides = [("titans-pytorch", args.titans_python, argv + [f"--chunk={TITANS_PEER_CHUNK}"])]
         for chunk in args.titans_chunks:
-            sides.append((f"ours chunk {chunk}", sys.executable, argv + [f"--chunk={chunk}"]))
+            sides.append((f"ours chunk {chunk}", args.ours_python, argv + [f"--chunk={chunk}"]))
         rows.append(("titans", shape, sides))
     return rows
 
@@ -359,7 +360,7 @@ def agreement(args, tmp):
         return None
     shape = "x".join(map(str, args.gdn_shapes[0]))
     files = {}
-    for side, python in (("ours", sys.executable), ("peer", args.jla_python)):
+    for side, python in (("ours", args.ours_python), ("peer", args.jla_python)):
         files[side] = tmp / f"gdn_{side}.npz"
         argv = [
             "--comparison=gdn",
@@ -410,7 +411,10 @@ def run_mode(args):
 def _other_jobs():
     try:
         out = subprocess.run(
-            ["pgrep", "-af", "train.py|pytest"], capture_output=True, text=True
+            # Any benchmark counts too (a model comparison on the other core was once missed).
+            ["pgrep", "-af", r"train.py|pytest|-m benchmarks\."],
+            capture_output=True,
+            text=True,
         ).stdout
     except FileNotFoundError:
         return []
@@ -487,7 +491,7 @@ def markdown(report):
             f"- rounds: {run['rounds']} x {run['repeats']} timed step(s) per side and shape",
             f"- load average (1, 5, 15 min) at start: {run['load_start']}, at end: "
             f"{run['load_end']}",
-            "- other heavy jobs (train.py, pytest) at start: "
+            "- other heavy jobs (train.py, pytest, benchmarks) at start: "
             + ("; ".join(f"`{j}`" for j in run["other_jobs_start"]) or "none")
             + ", at end: "
             + ("; ".join(f"`{j}`" for j in run["other_jobs_end"]) or "none"),
@@ -523,6 +527,9 @@ def main(argv=None):
     parser.add_argument("--dump", help="worker, gdn: save o and dq to this .npz")
     parser.add_argument("--jla_python", help="interpreter with jax-linear-attention")
     parser.add_argument("--titans_python", help="interpreter with titans-pytorch")
+    parser.add_argument(
+        "--ours_python", default=sys.executable, help="interpreter for our side (its jax)"
+    )
     parser.add_argument("--threads", choices=("pinned", "all"), default="pinned")
     parser.add_argument("--comparisons", default="gdn,titans")
     parser.add_argument("--gdn_shapes", type=_parse_shapes, default=GDN_SHAPES)
