@@ -24,7 +24,8 @@ Each side of each shape runs in its own worker process (`--worker`, this file ru
 side's interpreter: ours under --ours_python (default: this one, e.g. .venv-py3.12's for the
 newest jax), a peer under the interpreter given), which
 builds the inputs from a fixed numpy seed, compiles (jit, or for torch one eager warm-up
-step; not timed) and then answers "time N" lines on stdin with a JSON line of N timings.
+step; not timed) and then answers "time N" lines on stdin with a JSON line of N timings,
+each answer after one untimed step (so a side is timed warm, whatever ran before it).
 Rounds interleave: round r times ours then the peer for every shape, and the median over
 rounds is reported. A peer whose interpreter is missing or whose import fails gives a
 "not importable" row; the rest still runs.
@@ -237,6 +238,10 @@ def worker(args):
         words = line.split()
         if not words or words[0] != "time":
             break
+        # One untimed step first: the side timed next would otherwise pay for whatever ran
+        # before it (another worker's shape evicting its caches): ours at B1 T1024 took
+        # 65 ms right after jla's T16384 step and 27 ms after a step of its own.
+        run()
         times = []
         for _ in range(int(words[1]) if len(words) > 1 else 1):
             start = time.perf_counter()
