@@ -195,6 +195,7 @@ def earlier_rows(out: str, kinds, seed: int) -> list[dict]:
     for row in rows:  # rows written before rows carried their own command and seed
         row.setdefault("command", payload.get("command", ""))
         row.setdefault("date", payload.get("date", ""))
+        row.setdefault("machine", payload.get("machine", ""))
         row.setdefault("seed", 0)
     return [row for row in rows if row["model"] not in kinds or row["seed"] != seed]
 
@@ -205,13 +206,14 @@ def write(rows, header, out):
     rows = sorted(rows, key=_display_rank)
     with open(os.path.join(out, "model_comparison.json"), "w") as f:
         json.dump({**header, "rows": rows}, f, indent=2)
-    sources = {}  # command -> (date, models), in first-seen order
+    sources = {}  # (command, date) -> (machine, models), in first-seen order
     for row in rows:
-        date, models_run = sources.setdefault(row["command"], (row["date"], []))
+        source = (row["command"], row["date"])
+        _, models_run = sources.setdefault(source, (row.get("machine", ""), []))
         models_run.append(row["model"])
-    lines = [f"{header['machine']}. Rows from:"]
-    lines += [f"- {date}: `{command}` ({', '.join(kinds)})"
-              for command, (date, kinds) in sources.items()]  # fmt: skip
+    lines = ["Rows from:"]
+    lines += [f"- {date}{', ' + machine if machine else ''}: `{command}` ({', '.join(kinds)})"
+              for (command, date), (machine, kinds) in sources.items()]  # fmt: skip
     lines += [
         "",
         "| model | seed | parameters (MQAR / text) | MQAR recall | MQAR loss | S-NIAH accuracy "
@@ -255,6 +257,7 @@ def compare(kind: str, args, targets: dict, rows: list, header: dict) -> None:
         "seed": args.seed,
         "command": header["command"],
         "date": header["date"],
+        "machine": header["machine"],
         "parameters_mqar": parameter_count(mqar_run.model),
         "parameters_text": parameter_count(text_run.model),
         "mlp_dim_mqar": mqar_run.model.mlp_dim,
