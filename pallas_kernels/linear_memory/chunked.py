@@ -132,11 +132,10 @@ def chunks_per_step_default() -> int | None:
     """Chunks per step of the scan (`recurrence`): 1 on CPU, None (all at once) elsewhere.
 
     On CPU the [B, H, N, C, C] intermediates of all chunks at once outgrow the caches as T
-    grows (time per token rose 1.4x from T 1K to 16K); one chunk per step, recomputed in
-    the backward, keeps a step's working set in cache and the time linear in T: 1.4x
-    (T 1K) to 2.0x (T 16K) faster forward + backward, B1 H4 D64 chunk 64, pinned to one
-    core (`benchmarks/results/linear_memory_chunking.md`). Accelerators want the opposite:
-    as much parallel work per op as possible."""
+    grows; one chunk per step, recomputed in the backward, keeps a step's working set in
+    cache and the time linear in T (measured on one core:
+    `benchmarks/results/linear_memory_chunking.md`). Accelerators want the opposite: as
+    much parallel work per op as possible."""
     return 1 if jax.default_backend() == "cpu" else None
 
 
