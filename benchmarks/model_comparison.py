@@ -2,6 +2,7 @@
 
     python -m benchmarks.model_comparison [--mqar_steps 0] [--text_steps 600] [--seed 0]
         [--models attention,gdn,...] [--no-match_params] [--niah_lengths 64,128]
+        [--tasks mqar,text]
 
 Per kind (default: every registered block kind, `models.registered_blocks()`):
 
@@ -23,7 +24,8 @@ same config; the counts are in the table. The Titans kinds keep `configs/titans.
 settings (window 8 / 16-token segments: recall past that must go through the memory) and
 other neural-memory kinds its chunk size 8. `--seed` sets the model's initialisation and
 the data order of both runs (`config.seed`); rows are kept per (kind, seed), so a second
-seed is a second run of the command.
+seed is a second run of the command. `--tasks text` runs only the text part (a second seed of
+the text ranking costs a fifth of the whole row for the slow kinds).
 
 Writes `benchmarks/results/model_comparison.{json,md}` after every run, so a partial sweep
 still leaves its rows. Rows of other (kind, seed) pairs are kept from the JSON already in
@@ -178,6 +180,17 @@ def _diverged_or(run: dict, text: str) -> str:
     return f"diverged (step {step.group(1)})" if step else "diverged"
 
 
+TASKS = ("mqar", "text")
+
+
+def _task_list(text: str) -> tuple[str, ...]:
+    tasks = tuple(task for task in text.split(",") if task)
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"--tasks: {text!r}: choose from {','.join(TASKS)}")
+    return tasks
+
+
 def _display_rank(row):
     kind = row["model"]
     rank = DISPLAY_ORDER.index(kind) if kind in DISPLAY_ORDER else len(DISPLAY_ORDER)
@@ -265,14 +278,16 @@ def compare(kind: str, args, targets: dict, rows: list, header: dict) -> None:
         "cache": cache_bytes(mqar_run.model),
     }
     rows.append(row)
-    with tempfile.TemporaryDirectory() as workdir:
-        row["mqar"] = train(mqar_run, workdir)
-        write(rows, header, args.out)
-        if args.niah_lengths and "diverged" not in row["mqar"]:
-            row["niah"] = niah_accuracy(workdir, args.niah_lengths, args.niah_examples)
+    if "mqar" in args.tasks:
+        with tempfile.TemporaryDirectory() as workdir:
+            row["mqar"] = train(mqar_run, workdir)
             write(rows, header, args.out)
-    with tempfile.TemporaryDirectory() as workdir:
-        row["text"] = train(text_run, workdir)
+            if args.niah_lengths and "diverged" not in row["mqar"]:
+                row["niah"] = niah_accuracy(workdir, args.niah_lengths, args.niah_examples)
+                write(rows, header, args.out)
+    if "text" in args.tasks:
+        with tempfile.TemporaryDirectory() as workdir:
+            row["text"] = train(text_run, workdir)
     write(rows, header, args.out)
 
 
@@ -288,6 +303,9 @@ def main(argv=None):
         "--niah_lengths", type=common.int_list, default=[64, 128], help="empty: no S-NIAH"
     )
     parser.add_argument("--niah_examples", type=int, default=64)
+    parser.add_argument(
+        "--tasks", type=_task_list, default=TASKS, help="mqar (then S-NIAH on its model), text"
+    )
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument(
         "--keep_other_rows",

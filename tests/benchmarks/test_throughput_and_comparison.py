@@ -101,3 +101,15 @@ def test_a_diverging_run_is_a_result_not_the_end_of_the_sweep(tmp_path):
         "| attention | 0 |  /  | diverged (step 1) |"
         in (tmp_path / "model_comparison.md").read_text()
     )
+
+
+def test_tasks_text_runs_only_the_text_part(tmp_path):
+    rows = model_comparison.main(
+        ["--models=attention", "--tasks=text", "--text_steps=2", "--seed=1", f"--out={tmp_path}"]
+    )
+    (row,) = rows
+    assert row["seed"] == 1 and row["text"]["bits_per_token"] > 0
+    assert "mqar" not in row and "niah" not in row
+    assert "| attention | 1 |" in (tmp_path / "model_comparison.md").read_text()
+    with pytest.raises(SystemExit):
+        model_comparison.main(["--tasks=mqar,txt", f"--out={tmp_path}"])
