@@ -143,10 +143,12 @@ def test_mac_decoding_with_chunks_that_straddle_segments():
     )
 
 
-def test_mac_attention_write_stream_decodes_and_differs():
-    """write_stream "attention" trains the memory on y instead of RMSNorm(x) + y: decoding
-    still equals the forward, and the memory (so the logits past the first segment) differ."""
-    model = _model("mac", (("write_stream", "attention"),))
+@pytest.mark.parametrize("write_stream", ["attention", "normed_residual"])
+def test_mac_write_streams_decode_and_differ(write_stream):
+    """write_stream "attention" trains the memory on y, "normed_residual" on
+    RMSNorm(RMSNorm(x) + y), instead of RMSNorm(x) + y: decoding still equals the forward,
+    and the memory (so the logits past the first segment) differ."""
+    model = _model("mac", (("write_stream", write_stream),))
     tokens = random_tokens()
     logits = logits_of(model, tokens)
     np.testing.assert_allclose(decode(model, tokens, (5, 1, 1, 4)), logits, atol=TOL, rtol=TOL)
