@@ -113,3 +113,17 @@ def test_tasks_text_runs_only_the_text_part(tmp_path):
     assert "| attention | 1 |" in (tmp_path / "model_comparison.md").read_text()
     with pytest.raises(SystemExit):
         model_comparison.main(["--tasks=mqar,txt", f"--out={tmp_path}"])
+
+
+def test_gradient_scale_reports_every_step_and_its_largest_leaves():
+    from benchmarks import gradient_scale
+
+    config = gradient_scale.comparison_text_config("attention", 0, ["train.batch_size=2"])
+    assert config.train.batch_size == 2
+    rows = gradient_scale.gradient_scale(config, steps=2, top=3)
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        norms = [norm for _, norm in row["largest"]]
+        assert len(norms) == 3 and norms == sorted(norms, reverse=True)
+        # The leaves' norms are parts of the global norm the train step logs.
+        assert 0 < norms[0] <= row["grad_norm"] * (1 + 1e-5)

@@ -1,0 +1,110 @@
+"""Gradient norms of the first training steps of a model comparison text run, per parameter.
+
+    python -m benchmarks.gradient_scale --kind mal --seed 1 --steps 12 [--set model.mal.rule=gd]
+
+Builds `benchmarks.model_comparison`'s text config of `--kind` (matched to the Transformer's
+parameter count), trains `--steps` steps as `train.py` does, and before each step takes the
+gradient of the batch once more to print the global norm and the `--top` largest parameter
+leaves. The logged `grad_norm` of a run is one step in `log.every_steps`; this shows every
+step and where the gradient sits, e.g. the deep memories' write path at initialisation
+(`benchmarks/results/gradient_scale.md`). `--set key=value` overrides a config entry (the
+value read as JSON, else as a string).
+"""
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+import data as data_lib
+import optim
+from benchmarks import model_comparison
+from training import sharding as sharding_lib
+from training.state import create_train_state, model_spec
+from training.step import make_train_step, model_terms
+
+
+def comparison_text_config(kind: str, seed: int, overrides=()):
+    config = model_comparison.text_config(kind, 600)
+    target = model_comparison.parameter_count(
+        model_comparison.resolved(model_comparison.text_config("attention", 1)).model
+    )
+    config = model_comparison.match_parameters(config, target)
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        node = config
+        for name in path:
+            node = node[name]
+        try:
+            node[last] = json.loads(value)
+        except json.JSONDecodeError:  # a bare string: --set model.mal.rule=gd
+            node[last] = value
+    config.seed = seed
+    return model_comparison.resolved(config)
+
+
+def gradient_scale(config, steps: int, top: int = 6) -> list[dict]:
+    """Per step: {"step", "loss", "grad_norm", "largest": [(leaf path, norm), ...]}."""
+    mesh = sharding_lib.make_mesh(config.mesh)
+    batches = data_lib.build_train_iterator(
+        config.data,
+        seed=config.seed,
+        global_batch_size=config.train.batch_size,
+        process_index=0,
+        process_count=1,
+    )
+    spec = model_spec(config.model, config.seed)
+    num_steps = config.train.num_steps
+    schedule = optim.learning_rate_schedule(config.optim, num_steps)
+    tx = optim.build(config.optim, spec.abstract_params, spec.logical_specs, num_steps=num_steps)
+    state, _ = create_train_state(config, spec, tx, mesh)
+    train_step = jax.jit(make_train_step(spec, tx, schedule, config.train))
+
+    @jax.jit
+    def leaf_norms(params, batch):
+        def loss(p):
+            terms = model_terms(spec, p, batch)
+            return terms["ce_sum"] / jnp.maximum(batch["mask"].sum(), 1.0) + terms["aux_loss"]
+
+        return jax.tree.map(jnp.linalg.norm, jax.grad(loss)(params))
+
+    rows = []
+    for step in range(1, steps + 1):
+        batch = next(batches)
+        norms = jax.tree_util.tree_leaves_with_path(leaf_norms(state.params, batch))
+        state, metrics = train_step(state, batch)
+        largest = sorted(
+            ((jax.tree_util.keystr(path), float(norm)) for path, norm in norms),
+            key=lambda item: -item[1],
+        )[:top]
+        rows.append(
+            {
+                "step": step,
+                "loss": float(metrics["loss"]),
+                "grad_norm": float(metrics["grad_norm"]),
+                "largest": largest,
+            }
+        )
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", default="mal")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--top", type=int, default=6)
+    parser.add_argument("--set", action="append", default=[], help="config key=value")
+    args = parser.parse_args(argv)
+    config = comparison_text_config(args.kind, args.seed, args.set)
+    rows = gradient_scale(config, args.steps, args.top)
+    for row in rows:
+        leaves = "; ".join(f"{path} {norm:.1f}" for path, norm in row["largest"])
+        print(f"step {row['step']} loss {row['loss']:.3f} grad norm {row['grad_norm']:.1f} | {leaves}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
