@@ -102,7 +102,8 @@ def main(argv=None):
     rows = gradient_scale(config, args.steps, args.top)
     for row in rows:
         leaves = "; ".join(f"{path} {norm:.1f}" for path, norm in row["largest"])
-        print(f"step {row['step']} loss {row['loss']:.3f} grad norm {row['grad_norm']:.1f} | {leaves}")
+        head = f"step {row['step']} loss {row['loss']:.3f} grad norm {row['grad_norm']:.1f}"
+        print(f"{head} | {leaves}")
     return rows
 
 
