@@ -8,7 +8,8 @@ gradient of the batch once more to print the global norm and the `--top` largest
 leaves. The logged `grad_norm` of a run is one step in `log.every_steps`; this shows every
 step and where the gradient sits, e.g. the deep memories' write path at initialisation
 (`benchmarks/results/gradient_scale.md`). `--set key=value` overrides a config entry (the
-value read as JSON, else as a string).
+value read as JSON, else as a string). `--breakdown` splits the first batch's gradient at
+initialisation by row and sets it beside a batch of random bytes of the same shape.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import data as data_lib
 import optim
@@ -90,6 +92,52 @@ def gradient_scale(config, steps: int, top: int = 6) -> list[dict]:
     return rows
 
 
+def first_batch_breakdown(config, seed: int = 0) -> dict:
+    """The gradient norm at initialisation of the first training batch, of each of its rows
+    alone, and of a batch of uniformly random bytes of the same shape; with the bytes of the
+    row with the largest norm."""
+    spec = model_spec(config.model, config.seed)
+    tx = optim.build(config.optim, spec.abstract_params, spec.logical_specs, num_steps=1)
+    state, _ = create_train_state(config, spec, tx, sharding_lib.make_mesh(config.mesh))
+    batch = next(
+        data_lib.build_train_iterator(
+            config.data,
+            seed=config.seed,
+            global_batch_size=config.train.batch_size,
+            process_index=0,
+            process_count=1,
+        )
+    )
+
+    @jax.jit
+    def norm(params, batch):
+        def loss(p):
+            terms = model_terms(spec, p, batch)
+            return terms["ce_sum"] / jnp.maximum(batch["mask"].sum(), 1.0) + terms["aux_loss"]
+
+        return optax_global_norm(jax.grad(loss)(params))
+
+    inputs = np.asarray(batch["inputs"])
+    random = np.random.default_rng(seed).integers(0, 256, size=inputs.shape)
+    random_batch = dict(batch, inputs=jnp.asarray(random, inputs.dtype))
+    random_batch["targets"] = jnp.asarray(np.roll(random, -1, axis=1), inputs.dtype)
+    per_row = [
+        float(norm(state.params, jax.tree.map(lambda x, i=i: x[i : i + 1], batch)))
+        for i in range(inputs.shape[0])
+    ]
+    worst = int(np.argmax(per_row))
+    return {
+        "batch": float(norm(state.params, batch)),
+        "random_bytes": float(norm(state.params, random_batch)),
+        "per_row": per_row,
+        "largest_row": bytes(inputs[worst].astype(np.uint8).tolist()).decode("latin-1"),
+    }
+
+
+def optax_global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="mal")
@@ -97,8 +145,15 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--set", action="append", default=[], help="config key=value")
+    parser.add_argument("--breakdown", action="store_true", help="the first batch by row")
     args = parser.parse_args(argv)
     config = comparison_text_config(args.kind, args.seed, args.set)
+    if args.breakdown:
+        result = first_batch_breakdown(config)
+        print(f"first batch {result['batch']:.1f}, random bytes {result['random_bytes']:.1f}")
+        print("per row", " ".join(f"{norm:.0f}" for norm in result["per_row"]))
+        print(f"largest row: {result['largest_row']!r}")
+        return result
     rows = gradient_scale(config, args.steps, args.top)
     for row in rows:
         leaves = "; ".join(f"{path} {norm:.1f}" for path, norm in row["largest"])

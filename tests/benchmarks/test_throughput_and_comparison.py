@@ -127,3 +127,14 @@ def test_gradient_scale_reports_every_step_and_its_largest_leaves():
         assert len(norms) == 3 and norms == sorted(norms, reverse=True)
         # The leaves' norms are parts of the global norm the train step logs.
         assert 0 < norms[0] <= row["grad_norm"] * (1 + 1e-5)
+
+
+def test_gradient_scale_breakdown_by_row_and_against_random_bytes():
+    from benchmarks import gradient_scale
+
+    config = gradient_scale.comparison_text_config("attention", 0, ["train.batch_size=2"])
+    result = gradient_scale.first_batch_breakdown(config)
+    assert len(result["per_row"]) == 2 and all(norm > 0 for norm in result["per_row"])
+    # The batch's loss is the mean over both rows: its gradient is at most their mean's norm.
+    assert 0 < result["batch"] <= sum(result["per_row"]) / 2 * (1 + 1e-5)
+    assert result["random_bytes"] > 0 and len(result["largest_row"]) == config.data.seq_len
