@@ -18,6 +18,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import data as data_lib
 import optim
@@ -29,10 +30,7 @@ from training.step import make_train_step, model_terms
 
 def comparison_text_config(kind: str, seed: int, overrides=()):
     config = model_comparison.text_config(kind, 600)
-    target = model_comparison.parameter_count(
-        model_comparison.resolved(model_comparison.text_config("attention", 1)).model
-    )
-    config = model_comparison.match_parameters(config, target)
+    config = model_comparison.match_parameters(config, model_comparison.parameter_targets()["text"])
     for item in overrides:
         key, _, value = item.partition("=")
         *path, last = key.split(".")
@@ -47,9 +45,13 @@ def comparison_text_config(kind: str, seed: int, overrides=()):
     return model_comparison.resolved(config)
 
 
-def gradient_scale(config, steps: int, top: int = 6) -> list[dict]:
-    """Per step: {"step", "loss", "grad_norm", "largest": [(leaf path, norm), ...]}."""
-    mesh = sharding_lib.make_mesh(config.mesh)
+def _initial_state(config):
+    """(spec, train state at initialisation, tx, training batch iterator) as `train.py`'s."""
+    spec = model_spec(config.model, config.seed)
+    tx = optim.build(
+        config.optim, spec.abstract_params, spec.logical_specs, num_steps=config.train.num_steps
+    )
+    state, _ = create_train_state(config, spec, tx, sharding_lib.make_mesh(config.mesh))
     batches = data_lib.build_train_iterator(
         config.data,
         seed=config.seed,
@@ -57,20 +59,28 @@ def gradient_scale(config, steps: int, top: int = 6) -> list[dict]:
         process_index=0,
         process_count=1,
     )
-    spec = model_spec(config.model, config.seed)
-    num_steps = config.train.num_steps
-    schedule = optim.learning_rate_schedule(config.optim, num_steps)
-    tx = optim.build(config.optim, spec.abstract_params, spec.logical_specs, num_steps=num_steps)
-    state, _ = create_train_state(config, spec, tx, mesh)
+    return spec, state, tx, batches
+
+
+def _gradient(spec):
+    """params, batch -> the gradient of the batch's loss (the train step's, one micro-batch)."""
+
+    def loss(params, batch):
+        terms = model_terms(spec, params, batch)
+        return terms["ce_sum"] / jnp.maximum(batch["mask"].sum(), 1.0) + terms["aux_loss"]
+
+    return jax.grad(loss)
+
+
+def gradient_scale(config, steps: int, top: int = 6) -> list[dict]:
+    """Per step: {"step", "loss", "grad_norm", "largest": [(leaf path, norm), ...]}."""
+    spec, state, tx, batches = _initial_state(config)
+    schedule = optim.learning_rate_schedule(config.optim, config.train.num_steps)
     train_step = jax.jit(make_train_step(spec, tx, schedule, config.train))
-
-    @jax.jit
-    def leaf_norms(params, batch):
-        def loss(p):
-            terms = model_terms(spec, p, batch)
-            return terms["ce_sum"] / jnp.maximum(batch["mask"].sum(), 1.0) + terms["aux_loss"]
-
-        return jax.tree.map(jnp.linalg.norm, jax.grad(loss)(params))
+    gradient = _gradient(spec)
+    leaf_norms = jax.jit(
+        lambda params, batch: jax.tree.map(jnp.linalg.norm, gradient(params, batch))
+    )
 
     rows = []
     for step in range(1, steps + 1):
@@ -96,26 +106,10 @@ def first_batch_breakdown(config, seed: int = 0) -> dict:
     """The gradient norm at initialisation of the first training batch, of each of its rows
     alone, and of a batch of uniformly random bytes of the same shape; with the bytes of the
     row with the largest norm."""
-    spec = model_spec(config.model, config.seed)
-    tx = optim.build(config.optim, spec.abstract_params, spec.logical_specs, num_steps=1)
-    state, _ = create_train_state(config, spec, tx, sharding_lib.make_mesh(config.mesh))
-    batch = next(
-        data_lib.build_train_iterator(
-            config.data,
-            seed=config.seed,
-            global_batch_size=config.train.batch_size,
-            process_index=0,
-            process_count=1,
-        )
-    )
-
-    @jax.jit
-    def norm(params, batch):
-        def loss(p):
-            terms = model_terms(spec, p, batch)
-            return terms["ce_sum"] / jnp.maximum(batch["mask"].sum(), 1.0) + terms["aux_loss"]
-
-        return optax_global_norm(jax.grad(loss)(params))
+    spec, state, _, batches = _initial_state(config)
+    batch = next(batches)
+    gradient = _gradient(spec)
+    norm = jax.jit(lambda params, batch: optax.global_norm(gradient(params, batch)))
 
     inputs = np.asarray(batch["inputs"])
     random = np.random.default_rng(seed).integers(0, 256, size=inputs.shape)
@@ -132,10 +126,6 @@ def first_batch_breakdown(config, seed: int = 0) -> dict:
         "per_row": per_row,
         "largest_row": bytes(inputs[worst].astype(np.uint8).tolist()).decode("latin-1"),
     }
-
-
-def optax_global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree)))
 
 
 def main(argv=None):

@@ -100,6 +100,14 @@ def parameter_count(model_config) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
+def parameter_targets() -> dict:
+    """The Transformer's parameter counts on MQAR and on text, which every kind matches."""
+    return {
+        "mqar": parameter_count(resolved(mqar_config("attention", 1)).model),
+        "text": parameter_count(resolved(text_config("attention", 1)).model),
+    }
+
+
 def match_parameters(config, target: int, multiple: int = 8):
     """Set model.mlp_dim (a multiple of `multiple`) so the parameter count is nearest
     `target`; the count is affine in mlp_dim, so two evaluations find the slope."""
@@ -320,10 +328,7 @@ def main(argv=None):
         parser.error(f"--models: unknown kinds {unknown} (see models.registered_blocks())")
     header = layer_cost.run_header("benchmarks.model_comparison", argv)
     header["settings"] = vars(args) | {"out": str(args.out)}
-    targets = {
-        "mqar": parameter_count(resolved(mqar_config("attention", 1)).model),
-        "text": parameter_count(resolved(text_config("attention", 1)).model),
-    }
+    targets = parameter_targets()
     header["target_parameters"] = targets
     rows = earlier_rows(args.out, kinds, args.seed) if args.keep_other_rows else []
     for kind in kinds:
