@@ -31,8 +31,10 @@ The memory's initial weights M_0 are learned per head (leaves [H, d_in, d_out], 
 ("heads", "memory_state", "memory_state"): `optim.routing` trains them with AdamW and no
 weight decay); the batch starts from the same M_0. Departures from the paper: the
 inner loss carries a 1/2 (θ is the delta rule's β), the gradient is taken at the retained
-memory exp(g_t) M_{t-1} (as Gated DeltaNet), and lr_max = 0.1 caps θ (titans-pytorch's
-training scripts use 0.1; the paper gives no value).
+memory exp(g_t) M_{t-1} (as Gated DeltaNet), and lr_max caps θ (the paper gives no value):
+by default (`lr_max=None`, `default_lr_max`) at the inverse of the inner loss's curvature
+for the MLP memory with gated decay and a gradient rule, 0.1 otherwise (titans-pytorch's
+training scripts use 0.1).
 
 Packed sequences (`segment_ids`): at each document start the memory restarts from M_0
 with zero momentum and an empty Omega window, a chunk starts there
@@ -72,6 +74,39 @@ from pallas_kernels.neural_memory.memory_inputs import from_named, pad_values
 # Gate biases at init: θ = lr_max / 2, η = 1/2, α = sigmoid(-4) ≈ 0.018 (the memory keeps
 # ~98% per token, a half-life of ~38 tokens; sigmoid(0) = 1/2 would forget almost at once).
 DECAY_BIAS_INIT = -4.0
+# The MLP memory's output x + LN(z_L) has, at init, curvature ≈ fan_in(W_L) along its last
+# layer (LN divides by σ(z_L) ≈ ‖h‖ / sqrt(fan_in)): a gradient step θ u on one pair moves the
+# output by ~θ fan_in times the error, so θ > 2 / fan_in overshoots -- on the LN's sphere
+# it can land opposite the target, a point the gradient cannot leave (trained MAL, text seed
+# 1: a run of spaces at θ ≈ lr_max, error ‖LN‖ + ‖v‖, outer gradients 10^2-10^4 all run long,
+# benchmarks/results/gradient_scale.md). θ ≤ 1 / fan_in is at most the one-step write, as
+# β ≤ 1 is for the delta rule on unit keys. The Muon rule's step θ NS(S) has a fixed size
+# and the lq / KL retentions store other weights, so they keep the earlier cap.
+DEFAULT_LR_MAX = 0.1
+
+
+def default_lr_max(spec: MemorySpec, key_dim: int, value_dim: int) -> float:
+    """θ's cap when none is given: 1 / fan_in of the MLP memory's last layer (gated decay,
+    gd or momentum rule); DEFAULT_LR_MAX for the other memories."""
+    curvature_bound = (
+        spec.architecture == "mlp"
+        and spec.retention == "gated_decay"
+        and spec.rule in ("gd", "momentum")
+    )
+    if not curvature_bound:
+        return DEFAULT_LR_MAX
+    last_layer = list(spec.weight_shapes(key_dim, value_dim).values())[-1]
+    return 1.0 / last_layer[0]
+
+
+# The per-token gates' kernels (θ, η, α and the declared extras) start at zero, so every token
+# starts at the bias values above and the gates learn their dependence on x. At the width-aware
+# init_std the logits varied with std ~1 across tokens: a byte-level space got α ≈ 0.125, and a
+# run of 16 spaces (Python indentation) shrank the memory's weights 10x in one row while its
+# gradient, tangent to the output LN's scale-invariant direction, could not restore them. The
+# LN's gain grows as the weights shrink, so the first text gradients were 10^2-10^5
+# (benchmarks/results/gradient_scale.md); with zero kernels, 5-20x smaller.
+GATE_INIT_STD = 0.0
 # Huber threshold δ = softplus(b) = 2 sqrt(head_dim) at init (`huber_bias_init`). An error
 # ‖M(k) - v‖ at init is about sqrt(head_dim) (the memory's output LN part), so Yaad starts in
 # the quadratic (l2) regime and only errors twice the typical size take the linear branch.
@@ -130,6 +165,8 @@ class NeuralMemory(nnx.Module):
     of degree `feature_degree` to q and k (`layers.feature_maps`): "monomial" (ATLAS's φ_p;
     q, k become [.., key_dim], key_dim = Σ_i C(hd+i-1, i), and the memory maps key_dim ->
     head_dim), "polynomial" (element-wise, key_dim = head_dim) or "identity" (none).
+    `gate_init_std`: the std of the per-token gates' kernels (`GATE_INIT_STD`, 0: every token
+    starts at the gate biases); the other projections use `init_std`.
     """
 
     def __init__(
@@ -141,11 +178,12 @@ class NeuralMemory(nnx.Module):
         spec: MemorySpec,
         chunk_size: int = 16,
         conv_size: int = 4,
-        lr_max: float = 0.1,
+        lr_max: float | None = None,
         impl: str = "auto",
         norm_eps: float = 1e-6,
         init_std: float = 0.02,
         out_init_std: float = 0.02,
+        gate_init_std: float = GATE_INIT_STD,
         feature_map: str = "identity",
         feature_degree: int = 2,
         dtype=jnp.float32,
@@ -156,24 +194,29 @@ class NeuralMemory(nnx.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.key_dim = feature_dim(feature_map, head_dim, feature_degree)  # φ(q), φ(k) width
         self.chunk_size, self.conv_size = chunk_size, conv_size
+        if lr_max is None:
+            lr_max = default_lr_max(spec, self.key_dim, head_dim)
         self.lr_max, self.impl = lr_max, impl
         self.dtype = dtype
         width = num_heads * head_dim
 
-        def linear(features_out, axes, bias=None):
+        def linear(features_out, axes, bias=None, std=init_std):
             return projection(
-                d_model, features_out, std=init_std, axes=axes, dtype=dtype, bias=bias, rngs=rngs
+                d_model, features_out, std=std, axes=axes, dtype=dtype, bias=bias, rngs=rngs
             )
+
+        def gate(bias):  # one logit per head and token
+            return linear(num_heads, ("embed", "heads"), bias=bias, std=gate_init_std)
 
         self.query, self.key, self.value = (linear(width, ("embed", "qkv")) for _ in range(3))
         if conv_size > 0:
             self.query_conv, self.key_conv, self.value_conv = (
                 ShortConv(width, conv_size, rngs=rngs) for _ in range(3)
             )
-        self.step_size = linear(num_heads, ("embed", "heads"), bias=0.0)
+        self.step_size = gate(0.0)
         if spec.learning_rule.uses_momentum:
-            self.momentum = linear(num_heads, ("embed", "heads"), bias=0.0)
-        self.decay = linear(num_heads, ("embed", "heads"), bias=DECAY_BIAS_INIT)
+            self.momentum = gate(0.0)
+        self.decay = gate(DECAY_BIAS_INIT)
         weight_init = log_probability_init if spec.retention == "kl" else memory_weight_init
         init = with_logical_axes(weight_init, "heads", "memory_state", "memory_state")
         self.initial_weights = nnx.Dict(
@@ -195,8 +238,7 @@ class NeuralMemory(nnx.Module):
         # Built last, so a Titans layer draws exactly the parameters it always did.
         for item in spec.extra_inputs:
             extra = _extra_input(item.name)
-            head_linear = linear(num_heads, ("embed", "heads"), bias=extra.bias_init(head_dim))
-            setattr(self, extra.attribute, head_linear)
+            setattr(self, extra.attribute, gate(extra.bias_init(head_dim)))
         self.feature_map = feature_module
 
     # ---- pieces, also used by the Titans blocks (models.titans) --------------------------

@@ -19,8 +19,9 @@ the non-linearity; W_o is ours, so the block writes the residual at the usual in
 Options (`model.<kind>`): the memory's (num_heads, head_dim: 0 = the model's; architecture,
 depth, expansion, activation, bias, lp_p, retention, lq_q, rule, ns_steps, ns_coefficients,
 omega_window, omega_gates: `MemorySpec`; feature_map, feature_degree: `layers.feature_maps`;
-chunk_size, conv_size, lr_max, impl), plus window and rope_theta for the attention (mal, mag),
-num_persistent (mag, mac) and segment_size (mac). The ATLAS / Miras kinds built from the
+chunk_size, conv_size, impl; lr_max, 0 = `layers.neural_memory.default_lr_max`; gate_init_std),
+plus window and rope_theta for the attention (mal, mag), num_persistent (mag, mac) and
+segment_size (mac). The ATLAS / Miras kinds built from the
 same memory are in `models.miras`. Decoding (`init_cache` / `extend`) exists for all four
 and equals the full forward, chunk for chunk (see `layers.neural_memory` for the
 chunk-aligned memory cache); MAC decodes token by token.
@@ -44,7 +45,7 @@ from layers.attention import (
 )
 from layers.feature_maps import FEATURE_MAPS
 from layers.mlp import SwiGLU
-from layers.neural_memory import NeuralMemory
+from layers.neural_memory import GATE_INIT_STD, NeuralMemory
 from layers.norms import RMSNorm, rms_norm
 from layers.sharding import projection, with_logical_axes
 from models.registry import (
@@ -289,7 +290,8 @@ MEMORY_DEFAULTS = {
     "feature_degree": 2,
     "chunk_size": 16,
     "conv_size": 4,
-    "lr_max": 0.1,
+    "lr_max": 0.0,  # 0: layers.neural_memory.default_lr_max (1 / curvature for the MLP)
+    "gate_init_std": GATE_INIT_STD,  # 0: θ, η, α start at their biases for every token
     "impl": "auto",
 }
 ATTENTION_DEFAULTS = {"window": 256, "rope_theta": 10000.0}
@@ -317,8 +319,8 @@ def build_memory(model_config, block_config, out_init_std, rngs):
     for key, minimum in minimums:
         if block_config[key] < minimum:
             raise ConfigError(f"{key}: must be >= {minimum}, got {block_config[key]}")
-    if not block_config.lr_max > 0:
-        raise ConfigError(f"lr_max: must be > 0, got {block_config.lr_max}")
+    if not block_config.lr_max >= 0:
+        raise ConfigError(f"lr_max: must be > 0 (or 0: the default), got {block_config.lr_max}")
     if block_config.impl not in IMPLS:
         raise ConfigError(f"impl: {block_config.impl!r} is not one of {', '.join(IMPLS)}")
     if block_config.feature_map not in FEATURE_MAPS:
@@ -338,11 +340,12 @@ def build_memory(model_config, block_config, out_init_std, rngs):
         spec=spec,
         chunk_size=block_config.chunk_size,
         conv_size=block_config.conv_size,
-        lr_max=block_config.lr_max,
+        lr_max=block_config.lr_max or None,
         impl=block_config.impl,
         norm_eps=model_config.norm_eps,
         init_std=init_std_of(model_config),
         out_init_std=out_init_std,
+        gate_init_std=block_config.gate_init_std,
         feature_map=block_config.feature_map,
         feature_degree=block_config.feature_degree,
         dtype=compute_dtype_of(model_config),

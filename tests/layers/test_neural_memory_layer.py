@@ -21,6 +21,9 @@ DEFAULT_SPEC = MemorySpec()  # Titans: MLP depth 2, l2 bias, gated decay, moment
 
 
 def _layer(spec=DEFAULT_SPEC, *, chunk_size=4, dtype=jnp.float32, seed=0, **options):
+    # Gates that differ by token as the other projections' weights do (init_std; the layer's
+    # default starts them all at their biases), so a mix-up of tokens shows.
+    options.setdefault("gate_init_std", options.get("init_std", 0.02))
     return NeuralMemory(
         WIDTH,
         num_heads=HEADS,
@@ -302,3 +305,43 @@ def test_bad_feature_degree_names_the_option(feature_map):
             _layer(feature_map=feature_map, feature_degree=degree)
     with pytest.raises(ValueError, match="feature_map='cubic'"):
         _layer(feature_map="cubic")
+
+
+def test_gates_start_at_their_biases_for_every_token():
+    """By default θ, η, α (and the declared extras, e.g. Yaad's δ) are the same for every
+    token at init -- the values `layers.neural_memory` documents -- and gate_init_std makes
+    them depend on the token."""
+    x = _inputs()
+    yaad = MemorySpec(bias="huber", rule="gd")
+    for spec in (DEFAULT_SPEC, yaad):
+        layer = _layer(spec, gate_init_std=0.0)
+        inputs, _ = layer.features(x)
+        per_token = {"lr": inputs.lr, "log_decay": inputs.log_decay, **inputs.extra}
+        if inputs.momentum is not None:
+            per_token["momentum"] = inputs.momentum
+        for name, value in per_token.items():
+            np.testing.assert_array_equal(value, np.broadcast_to(value[:1, :1], value.shape), name)
+        np.testing.assert_allclose(inputs.lr, layer.lr_max * 0.5)  # lr_max · sigmoid(0)
+        np.testing.assert_allclose(inputs.log_decay, np.log1p(-jax.nn.sigmoid(-4.0)), rtol=1e-6)
+        varied, _ = _layer(spec, gate_init_std=0.5).features(x)
+        assert float(jnp.std(varied.lr)) > 1e-3 and float(jnp.std(varied.log_decay)) > 1e-3
+    assert set(inputs.extra) == {"huber_delta"}
+    default = NeuralMemory(WIDTH, num_heads=HEADS, head_dim=HEAD_DIM, spec=DEFAULT_SPEC,
+                           rngs=nnx.Rngs(0))  # fmt: skip
+    np.testing.assert_array_equal(default.decay.kernel[...], 0.0)
+
+
+def test_default_lr_max_is_the_inverse_curvature_of_the_mlp_memory():
+    """θ ≤ 1 / fan_in of the MLP memory's last layer (gated decay, gd / momentum); 0.1 for
+    the memories the curvature argument does not cover; an explicit lr_max wins."""
+    assert _layer().lr_max == 1.0 / (2 * HEAD_DIM)  # depth 2, expansion 2: W2 is [2d, d]
+    assert _layer(MemorySpec(depth=1)).lr_max == 1.0 / HEAD_DIM
+    assert _layer(MemorySpec(rule="gd", bias="huber")).lr_max == 1.0 / (2 * HEAD_DIM)
+    for other in (
+        MemorySpec(architecture="matrix"),
+        MemorySpec(rule="muon"),
+        MemorySpec(retention="lq"),
+        MemorySpec(retention="kl"),
+    ):
+        assert _layer(other).lr_max == 0.1, other
+    assert _layer(lr_max=0.3).lr_max == 0.3

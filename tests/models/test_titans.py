@@ -174,7 +174,7 @@ def test_token_decoding_equals_the_exact_rule_forward(kind):
         ("mag", "num_persistent", 0, "model.mag.num_persistent"),
         ("mac", "segment_size", 0, "model.mac.segment_size"),
         ("mac", "write_stream", "output", "model.mac.write_stream"),
-        ("mal", "lr_max", 0.0, "model.mal.lr_max"),
+        ("mal", "lr_max", -0.1, "model.mal.lr_max"),
         ("mal", "window", -1, "model.mal.window"),
     ],
 )
