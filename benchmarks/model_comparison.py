@@ -31,6 +31,10 @@ Writes `benchmarks/results/model_comparison.{json,md}` after every run, so a par
 still leaves its rows. Rows of other (kind, seed) pairs are kept from the JSON already in
 `--out` (`--no-keep_other_rows` starts afresh), so one slow kind can be rerun alone; every
 row records the command and date that produced it, and the table lists them.
+
+Two kinds at once go to two --out folders (each rewrites its JSON); `--merge A,B` then folds
+their rows into --out's, keeping an old row's parts the new one lacks (`merge_rows`: the
+MQAR and S-NIAH beside a `--tasks text` rerun) with the command that made them.
 """
 
 import argparse
@@ -221,6 +225,31 @@ def earlier_rows(out: str, kinds, seed: int) -> list[dict]:
     return [row for row in rows if row["model"] not in kinds or row["seed"] != seed]
 
 
+RESULT_PARTS = ("mqar", "niah", "text")  # what a row holds beside its identity
+
+
+def merge_rows(rows: list[dict], new_rows: list[dict]) -> list[dict]:
+    """Fold `new_rows` (runs made apart, e.g. two kinds' `--tasks text` at once into their own
+    --out) into `rows`: a new row replaces its (model, seed) row, and the parts of the old row
+    it lacks (MQAR and S-NIAH beside a text-only rerun) stay, recorded under `carried` with
+    the command, date and machine that made them."""
+    merged = list(rows)
+    for new in new_rows:
+        key = (new["model"], new.get("seed", 0))
+        old = next((row for row in merged if (row["model"], row.get("seed", 0)) == key), None)
+        if old is not None:
+            merged.remove(old)
+            new = dict(new)
+            for part in RESULT_PARTS:
+                if part in old and part not in new:
+                    new[part] = old[part]
+                    made_by = {name: old.get(name, "") for name in ("command", "date", "machine")}
+                    carried = new.setdefault("carried", {})
+                    carried[part] = old.get("carried", {}).get(part, made_by)
+        merged.append(new)
+    return merged
+
+
 def write(rows, header, out):
     """`rows` (this run's and kept ones) -> model_comparison.json and .md in `out`."""
     os.makedirs(out, exist_ok=True)
@@ -229,9 +258,12 @@ def write(rows, header, out):
         json.dump({**header, "rows": rows}, f, indent=2)
     sources = {}  # (command, date) -> (machine, models), in first-seen order
     for row in rows:
-        source = (row["command"], row["date"])
-        _, models_run = sources.setdefault(source, (row.get("machine", ""), []))
-        models_run.append(row["model"])
+        made = [(row, row["model"])]
+        made += [(by, f"{row['model']} {part}") for part, by in row.get("carried", {}).items()]
+        for by, what in made:
+            source = (by["command"], by["date"])
+            _, models_run = sources.setdefault(source, (by.get("machine", ""), []))
+            models_run.append(what)
     lines = ["Rows from:"]
     lines += [f"- {date}{', ' + machine if machine else ''}: `{command}` ({', '.join(kinds)})"
               for (command, date), (machine, kinds) in sources.items()]  # fmt: skip
@@ -321,7 +353,15 @@ def main(argv=None):
         default=True,
         help="keep the rows of other kinds from the JSON in --out",
     )
+    parser.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated --out folders of earlier runs: fold their rows into --out "
+        "(`merge_rows`) and train nothing",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_folders(args.merge.split(","), args.out)
     kinds = [kind for kind in args.models.split(",") if kind]
     unknown = sorted(set(kinds) - set(models.registered_blocks()))
     if unknown:
@@ -334,6 +374,20 @@ def main(argv=None):
     for kind in kinds:
         compare(kind, args, targets, rows, header)
     print(open(os.path.join(args.out, "model_comparison.md")).read())
+    return rows
+
+
+def merge_folders(folders, out):
+    """--merge: the rows of each folder's model_comparison.json folded into out's (json and
+    md; `python -m benchmarks.plots` redraws the figure); out's header is kept."""
+    with open(os.path.join(out, "model_comparison.json")) as f:
+        payload = json.load(f)
+    header = {key: value for key, value in payload.items() if key != "rows"}
+    rows = earlier_rows(out, (), seed=0)  # every row, with its provenance filled in
+    for folder in folders:
+        with open(os.path.join(folder, "model_comparison.json")) as f:
+            rows = merge_rows(rows, json.load(f)["rows"])
+    write(rows, header, out)
     return rows
 
 

@@ -115,6 +115,37 @@ def test_tasks_text_runs_only_the_text_part(tmp_path):
         model_comparison.main(["--tasks=mqar,txt", f"--out={tmp_path}"])
 
 
+def _comparison_json(folder, rows):
+    folder.mkdir()
+    header = {"machine": "m", "date": "d", "command": "c"}
+    (folder / "model_comparison.json").write_text(json.dumps({**header, "rows": rows}))
+
+
+def test_merge_keeps_the_parts_a_text_rerun_lacks_and_says_who_made_them(tmp_path):
+    full = {"model": "gdn", "seed": 0, "command": "full run", "date": "d0", "machine": "a",
+            "mqar": {"eval_accuracy": 0.99}, "niah": {"accuracy": 0.6},
+            "text": {"bits_per_token": 1.9}}  # fmt: skip
+    other = {"model": "attention", "seed": 0, "command": "full run", "date": "d0",
+             "text": {"bits_per_token": 1.8}}  # fmt: skip
+    rerun = {"model": "gdn", "seed": 0, "command": "text rerun", "date": "d1", "machine": "b",
+             "text": {"bits_per_token": 1.7}}  # fmt: skip
+    _comparison_json(tmp_path / "out", [full, other])
+    _comparison_json(tmp_path / "side", [rerun])
+    rows = model_comparison.main([f"--merge={tmp_path / 'side'}", f"--out={tmp_path / 'out'}"])
+    (gdn,) = [row for row in rows if row["model"] == "gdn"]
+    assert gdn["text"]["bits_per_token"] == 1.7 and gdn["command"] == "text rerun"
+    assert gdn["mqar"] == full["mqar"] and gdn["niah"] == full["niah"]
+    assert gdn["carried"]["mqar"] == {"command": "full run", "date": "d0", "machine": "a"}
+    assert "text" not in gdn["carried"] and len(rows) == 2
+    table = (tmp_path / "out" / "model_comparison.md").read_text()
+    assert "`text rerun` (gdn)" in table and "`full run` (attention, gdn mqar, gdn niah)" in table
+    # A second rerun keeps the first provenance of what it carries.
+    _comparison_json(tmp_path / "side2", [dict(rerun, command="again", date="d2")])
+    rows = model_comparison.merge_folders([tmp_path / "side2"], tmp_path / "out")
+    (gdn,) = [row for row in rows if row["model"] == "gdn"]
+    assert gdn["carried"]["mqar"]["command"] == "full run" and gdn["command"] == "again"
+
+
 def test_gradient_scale_reports_every_step_and_its_largest_leaves():
     from benchmarks import gradient_scale
 
