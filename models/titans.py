@@ -290,7 +290,7 @@ MEMORY_DEFAULTS = {
     "feature_degree": 2,
     "chunk_size": 16,
     "conv_size": 4,
-    "lr_max": 0.0,  # 0: layers.neural_memory.default_lr_max (1 / curvature for the MLP)
+    "lr_max": 0.0,  # 0: layers.neural_memory.default_lr_max (the inner step's stability edge)
     "gate_init_std": GATE_INIT_STD,  # 0: θ, η, α start at their biases for every token
     "impl": "auto",
 }

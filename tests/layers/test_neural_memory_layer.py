@@ -331,17 +331,22 @@ def test_gates_start_at_their_biases_for_every_token():
     np.testing.assert_array_equal(default.decay.kernel[...], 0.0)
 
 
-def test_default_lr_max_is_the_inverse_curvature_of_the_mlp_memory():
-    """θ ≤ 1 / fan_in of the MLP memory's last layer (gated decay, gd / momentum); 0.1 for
-    the memories the curvature argument does not cover; an explicit lr_max wins."""
-    assert _layer().lr_max == 1.0 / (2 * HEAD_DIM)  # depth 2, expansion 2: W2 is [2d, d]
-    assert _layer(MemorySpec(depth=1)).lr_max == 1.0 / HEAD_DIM
-    assert _layer(MemorySpec(rule="gd", bias="huber")).lr_max == 1.0 / (2 * HEAD_DIM)
+def test_default_lr_max_is_the_stability_edge_of_the_inner_step():
+    """θ's cap is 2 / (L Σγ / (1 - η)) at init: L = fan_in of the MLP memory's last layer,
+    Σγ = c / 2 for an Omega window of c tokens, 1 / (1 - η) = 2 with momentum (gated decay,
+    l2 or Huber bias); 0.1 for the memories the argument does not cover; an explicit lr_max
+    wins."""
+    fan_in = 2 * HEAD_DIM  # depth 2, expansion 2: W2 is [2d, d]
+    assert _layer().lr_max == 2.0 / (fan_in * 2)  # momentum (the Titans LMM)
+    assert _layer(MemorySpec(depth=1)).lr_max == 2.0 / (HEAD_DIM * 2)
+    assert _layer(MemorySpec(rule="gd", bias="huber")).lr_max == 2.0 / fan_in  # Yaad
+    assert _layer(MemorySpec(rule="gd", omega_window=4)).lr_max == 2.0 / (fan_in * 2)  # OmegaNet
     for other in (
         MemorySpec(architecture="matrix"),
         MemorySpec(rule="muon"),
         MemorySpec(retention="lq"),
         MemorySpec(retention="kl"),
+        MemorySpec(bias="dot_product"),
     ):
         assert _layer(other).lr_max == 0.1, other
     assert _layer(lr_max=0.3).lr_max == 0.3
