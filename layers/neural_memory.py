@@ -15,7 +15,8 @@ and, only where the `MemorySpec` / options ask for them (ATLAS, Miras):
 
     q, k    = φ(q), φ(k)                                (feature map after the ℓ2 norm;
                                                          `layers.feature_maps`, ATLAS §3.1)
-    δ_t     = softplus(x_t W_δ + b_δ) + δ_min            (Huber threshold, bias "huber":
+    δ_t     = softplus(x_t W_δ + b_δ) + δ_min            (Huber threshold, biases "huber",
+                                                         "huber_norm":
                                                          Yaad's data-dependent δ_t, Miras §5)
     γ_t     = sigmoid(x_t W_γ + b_γ)                    (Omega-rule gate, omega_window > 1:
                                                          ATLAS eq. 9's γ_i)
@@ -104,7 +105,7 @@ def default_lr_max(spec: MemorySpec, key_dim: int, value_dim: int) -> float:
     """
     covered = (
         spec.architecture == "mlp"
-        and spec.bias in ("l2", "huber")
+        and spec.bias in ("l2", "huber", "huber_norm")
         and spec.retention == "gated_decay"
         and spec.rule in ("gd", "momentum")
     )
@@ -139,7 +140,8 @@ GATE_INIT_STD = 0.0
 # (norm δ sqrt(d), sqrt(d) times the l2 update at the switch) gives the value projection no
 # gradient: 300 steps of configs/default.py ended at 3.15 nats/byte, against 1.48 at
 # 2 sqrt(head_dim). δ only learns from tokens in the linear regime. The floor keeps δ > 0
-# when softplus underflows.
+# when softplus underflows. (Yaad's default linear branch is now δ e / ‖e‖, "huber_norm",
+# whose update is never longer than the l2 one: models.miras.)
 HUBER_DELTA_INIT_SCALE = 2.0
 HUBER_DELTA_MIN = 1e-4
 # Omega gates γ = sigmoid(0) = 1/2 at init: every token of the window counts the same.

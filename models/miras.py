@@ -24,7 +24,12 @@ Attentional Bias, Retention, and Online Optimization", arXiv 2504.13173, §5):
 
     moneta    ℓp attentional bias with p = 3, ℓq retention (normalisation) with q = 4.
     yaad      Huber attentional bias with a data-dependent threshold δ_t, gated decay
-              (Miras' ℓ2 retention).
+              (Miras' ℓ2 retention). Departure: outside the threshold the update is
+              δ_t e / ‖e‖₂ ("huber_norm", the Huber loss of ‖e‖₂) rather than eq. 26's
+              δ_t Sign(e) (bias="huber"): Sign(e) writes √Dv times the ℓ2 update at the
+              switch, past the inner step's stability edge, and MQAR runs that had
+              reached 99.7% fell to 47-82% once tokens took it
+              (benchmarks/results/yaad_huber.md).
     memora    ℓ2 attentional bias, KL retention (softmax over the memory, in log space).
 
 The three Miras models take one gradient step per token (rule "gd"), as their update rules
@@ -66,7 +71,7 @@ KIND_DEFAULTS = {
     "atlas": {**_OMEGA, "rule": "muon"},
     "omeganet": {**_OMEGA, "rule": "gd"},
     "moneta": {"bias": "lp", "lp_p": 3.0, "retention": "lq", "lq_q": 4.0, "rule": "gd"},
-    "yaad": {"bias": "huber", "retention": "gated_decay", "rule": "gd"},
+    "yaad": {"bias": "huber_norm", "retention": "gated_decay", "rule": "gd"},
     "memora": {"bias": "l2", "retention": "kl", "rule": "gd"},
 }
 

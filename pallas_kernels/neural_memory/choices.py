@@ -110,6 +110,12 @@ ATTENTIONAL_BIASES = {
     "huber": AttentionalBias(
         "huber", miras.huber_loss, miras.huber_output_grad, inputs=(miras.HUBER_DELTA,)
     ),
+    "huber_norm": AttentionalBias(
+        "huber_norm",
+        miras.huber_norm_loss,
+        miras.huber_norm_output_grad,
+        inputs=(miras.HUBER_DELTA,),
+    ),
 }
 
 
@@ -305,7 +311,8 @@ class MemorySpec:
     width `expansion * Dv`, activation "gelu" (exact erf) or "silu", output x[:Dv] + LN(z_L)
     with a parameter-free LN, eps `norm_eps`).
     bias: "l2", "dot_product", "lp" (Moneta; `lp_p`, smoothing `lp_eps`) or "huber" (Yaad;
-      declares the per-token `huber_delta` input). See `choices_miras`.
+      declares the per-token `huber_delta` input; "huber_norm": its linear branch on the
+      error's l2 norm). See `choices_miras`.
     retention: "gated_decay", "lq" (Moneta; `lq_q`, `lq_eps` keeps the norm finite at 0) or
       "kl" (Memora; weights `kl_scale` x sqrt(d_in) x softmax).
     rule: "gd", "momentum" or "muon" (ATLAS; `ns_steps` Newton-Schulz steps with

@@ -15,6 +15,12 @@ Attentional biases (per token, e = M(k) - v):
          per coordinate as the plain Huber of eq. 14; threshold delta_t > 0 per token):
          1/2 ||e||^2 if ||e||_2 <= delta_t, else delta_t ||e||_1 (gradient delta_t Sign(e),
          exact Sign as in the paper). Any delta_t >= ||e|| gives l2 exactly.
+  huber_norm  the same switch with the Huber loss of the error's l2 norm outside it,
+         delta_t (||e||_2 - delta_t / 2): gradient delta_t e / ||e||_2, which equals the
+         quadratic branch's e at the switch. eq. 26's delta_t Sign(e) has norm
+         delta_t sqrt(Dv) there, sqrt(Dv) times the l2 update, so a token that takes it
+         writes past the l2 step's stability edge (`layers.neural_memory.default_lr_max`)
+         -- measured: benchmarks/results/yaad_huber.md.
 
 Retentions (the memory is stored as `stored`; the network runs on `effective(stored)`):
   lq     Moneta, Miras eq. 24: the state is an accumulator A_t = alpha_t A_{t-1} + U_t and
@@ -86,6 +92,24 @@ def huber_output_grad(prediction, value, *, huber_delta):
     error = prediction - value
     inside = _inside_huber(error, huber_delta)[..., None]
     return jnp.where(inside, error, huber_delta[..., None] * jnp.sign(error))
+
+
+def huber_norm_loss(prediction, value, *, huber_delta):
+    """1/2 ||e||^2 inside the threshold, delta_t (||e||_2 - delta_t / 2) outside: continuous,
+    with a continuous gradient (the Huber loss of ||e||_2)."""
+    error = prediction - value
+    squared = jnp.sum(jnp.square(error), axis=-1)
+    inside = _inside_huber(error, huber_delta)
+    norm = jnp.sqrt(jnp.where(inside, 1.0, squared))  # no sqrt(0) gradient inside
+    return jnp.where(inside, 0.5 * squared, huber_delta * (norm - 0.5 * huber_delta))
+
+
+def huber_norm_output_grad(prediction, value, *, huber_delta):
+    error = prediction - value
+    squared = jnp.sum(jnp.square(error), axis=-1, keepdims=True)
+    inside = _inside_huber(error, huber_delta)[..., None]
+    scale = huber_delta[..., None] * jax.lax.rsqrt(jnp.where(inside, 1.0, squared))
+    return jnp.where(inside, error, scale * error)
 
 
 # ------------------------------------------------------------------------------- retentions

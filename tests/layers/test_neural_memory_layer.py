@@ -339,7 +339,8 @@ def test_default_lr_max_is_the_stability_edge_of_the_inner_step():
     fan_in = 2 * HEAD_DIM  # depth 2, expansion 2: W2 is [2d, d]
     assert _layer().lr_max == 2.0 / (fan_in * 2)  # momentum (the Titans LMM)
     assert _layer(MemorySpec(depth=1)).lr_max == 2.0 / (HEAD_DIM * 2)
-    assert _layer(MemorySpec(rule="gd", bias="huber")).lr_max == 2.0 / fan_in  # Yaad
+    assert _layer(MemorySpec(rule="gd", bias="huber_norm")).lr_max == 2.0 / fan_in  # Yaad
+    assert _layer(MemorySpec(rule="gd", bias="huber")).lr_max == 2.0 / fan_in  # eq. 26's Yaad
     assert _layer(MemorySpec(rule="gd", omega_window=4)).lr_max == 2.0 / (fan_in * 2)  # OmegaNet
     for other in (
         MemorySpec(architecture="matrix"),

@@ -66,7 +66,7 @@ def test_each_kind_is_its_papers_choice():
         assert _memory(kind).feature_map.degree == 2
     moneta = specs["moneta"]
     assert (moneta.bias, moneta.lp_p, moneta.retention, moneta.lq_q) == ("lp", 3.0, "lq", 4.0)
-    assert (specs["yaad"].bias, specs["yaad"].retention) == ("huber", "gated_decay")
+    assert (specs["yaad"].bias, specs["yaad"].retention) == ("huber_norm", "gated_decay")
     assert (specs["memora"].bias, specs["memora"].retention) == ("l2", "kl")
     for kind in ("moneta", "yaad", "memora"):
         assert specs[kind].rule == "gd" and specs[kind].omega_window == 1

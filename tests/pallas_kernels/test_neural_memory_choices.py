@@ -56,6 +56,7 @@ SINGLE_CHOICES = {  # the new choices in other combinations, incl. the matrix me
         architecture="matrix", bias="huber", retention="kl", rule="momentum"
     ),
     "muon-omega2-matrix": MemorySpec(architecture="matrix", rule="muon", omega_window=2),
+    "yaad-huber-norm": MemorySpec(bias="huber_norm", retention="gated_decay", rule="gd"),
     "atlas-pair-gates": MemorySpec(omega_window=3, omega_gates="pair", rule="muon"),
 }
 GRADIENT_SPECS = {  # every new input (huber_delta, omega_gate) and choice has a gradient
@@ -67,6 +68,11 @@ GRADIENT_SPECS = {  # every new input (huber_delta, omega_gate) and choice has a
 # Chunk 8 as well as 4 for the models with the most machinery (the materialised chunk step).
 LARGER_CHUNK = ("atlas", "memora")
 ALL_SPECS = {**MODELS, **SINGLE_CHOICES}
+
+
+def is_huber(spec):
+    """Both Huber biases declare the per-token threshold huber_delta."""
+    return spec.bias in ("huber", "huber_norm")
 
 
 def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, batch=BATCH):
@@ -86,7 +92,7 @@ def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, batch=BATCH):
     momentum = jax.nn.sigmoid(normal(*shape)) if spec.learning_rule.uses_momentum else None
     log_decay = -jax.nn.softplus(normal(*shape) - 4.0)
     extras = {
-        "huber_delta": 2.0 + 3.0 * jax.nn.sigmoid(normal(*shape)) if spec.bias == "huber" else None,
+        "huber_delta": 2.0 + 3.0 * jax.nn.sigmoid(normal(*shape)) if is_huber(spec) else None,
         "omega_gate": jax.nn.sigmoid(normal(*shape)) if spec.omega_window > 1 else None,
     }
     if spec.omega_gates == "pair":  # c gates per token instead of one
@@ -453,7 +459,7 @@ def test_long_sequence_stays_finite_and_bounded(name):
             jax.nn.sigmoid(normal(*shape) + 2.0) if spec.learning_rule.uses_momentum else None
         ),
         "log_decay": -jax.nn.softplus(2.0 * normal(*shape) - 3.0),
-        "huber_delta": 2.0 + 3.0 * jax.nn.sigmoid(normal(*shape)) if spec.bias == "huber" else None,
+        "huber_delta": 2.0 + 3.0 * jax.nn.sigmoid(normal(*shape)) if is_huber(spec) else None,
         "omega_gate": jax.nn.sigmoid(normal(*shape)) if spec.omega_window > 1 else None,
     }
     scale = INIT_SCALES[spec.retention]

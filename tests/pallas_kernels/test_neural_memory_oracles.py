@@ -1,5 +1,5 @@
-"""Written-out NumPy oracles for three deep-memory choices: Moneta's lq retention, Memora's
-KL retention and the Titans momentum rule.
+"""Written-out NumPy oracles for four deep-memory choices: Moneta's lq retention, Memora's
+KL retention, Yaad's Huber biases and the Titans momentum rule.
 
 The other tests hold `chunked` to `reference`, and both call the same choice functions, so
 a wrong formula in a choice would pass them. Here each update is written again from the
@@ -211,6 +211,64 @@ def test_kl_retention_matches_written_out_memora(impl):
     if impl == "chunked-2":
         exact, _ = per_head(memora_numpy, inputs, [logits], scale=scale, chunk_size=1)
         assert max_relative_error(exact, expected_output) > 1e-4
+
+
+# ------------------------------------------------------------ Yaad: Huber biases
+
+
+def yaad_numpy(x, weights, *, branch, chunk_size):
+    """Yaad (Miras eq. 26) with a matrix memory M(k) = k W and gated decay, one head:
+        W_t = alpha_t W_{t-1} - theta_t k_t^T u_t,  e = k_t W~ - v_t,  o_t = q_t W_t,
+        u_t = e                     if ||e||_2 <= delta_t,
+              delta_t Sign(e)       otherwise ("huber": eq. 26's delta_t grad ||e||_1),
+              delta_t e / ||e||_2   otherwise ("huber_norm": grad of delta_t ||e||_2).
+    The gradient is taken at the retained memory W~ = gamma_t W_{c0} (gated decay's
+    documented departure, as in `titans_numpy`). Returns the branch each token took too."""
+    memory = weights["W"].copy()
+    outputs, outside = [], []
+    for t in range(len(x["k"])):
+        keep = np.exp(x["log_decay"][t])
+        if starts_chunk(t, chunk_size):
+            chunk_start, gamma = memory, 1.0
+        gamma = gamma * keep
+        error = x["k"][t] @ (gamma * chunk_start) - x["v"][t]
+        norm, delta = np.sqrt(np.sum(error**2)), x["huber_delta"][t]
+        outside.append(norm > delta)
+        if norm <= delta:
+            update = error
+        elif branch == "huber":
+            update = delta * np.sign(error)
+        else:
+            update = delta * error / norm
+        memory = keep * memory - x["lr"][t] * np.outer(x["k"][t], update)
+        outputs.append(x["q"][t] @ memory)
+    return np.stack(outputs), {"W": memory}, {"outside": np.array(outside)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("branch", ["huber", "huber_norm"])
+def test_huber_biases_match_written_out_yaad(branch, impl):
+    """Both Huber biases, with thresholds that send some tokens to each branch: 0.3 (every
+    error here is larger) or 10 (every one smaller), per token and head."""
+    spec = MemorySpec(architecture="matrix", bias=branch, retention="gated_decay", rule="gd")
+    inputs = make_inputs(6, KEY_DIM, VALUE_DIM)
+    inputs["momentum"] = None
+    inputs["huber_delta"] = np.array([[0.3, 10.0], [10.0, 0.3], [0.3, 0.3]])[None]
+    rng = np.random.default_rng(7)
+    weights = {"W": rng.standard_normal((BATCH, HEADS, KEY_DIM, VALUE_DIM))}
+    expected_output, expected_weights, taken = per_head(
+        yaad_numpy, inputs, [weights], branch=branch, chunk_size=chunk_size_of(impl)
+    )
+    output, final_weights, _ = run_package(spec, inputs, weights, None, impl)
+    assert max_relative_error(output, expected_output) < F64_TOL
+    assert max_relative_error(final_weights, expected_weights) < F64_TOL
+    # Guard: both branches are taken, and the two linear branches differ.
+    assert set(taken["outside"].ravel()) == {True, False}
+    other = "huber" if branch == "huber_norm" else "huber_norm"
+    other_output, _, _ = per_head(
+        yaad_numpy, inputs, [weights], branch=other, chunk_size=chunk_size_of(impl)
+    )
+    assert max_relative_error(other_output, expected_output) > 1e-2
 
 
 # ------------------------------------------------------------ Titans: momentum rule
