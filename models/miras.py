@@ -27,8 +27,8 @@ Attentional Bias, Retention, and Online Optimization", arXiv 2504.13173, §5):
               (Miras' ℓ2 retention). Departure: outside the threshold the update is
               δ_t e / ‖e‖₂ ("huber_norm", the Huber loss of ‖e‖₂) rather than eq. 26's
               δ_t Sign(e) (bias="huber"): Sign(e) writes √Dv times the ℓ2 update at the
-              switch, past the inner step's stability edge, and MQAR runs that had
-              reached 99.7% fell to 47-82% once tokens took it
+              switch, past the inner step's stability edge, and MQAR runs fell from
+              90-99.7% recall to 47-82% once tokens took it
               (benchmarks/results/yaad_huber.md).
     memora    ℓ2 attentional bias, KL retention (softmax over the memory, in log space).
 
