@@ -71,8 +71,8 @@ ALL_SPECS = {**MODELS, **SINGLE_CHOICES}
 
 
 def is_huber(spec):
-    """Both Huber biases declare the per-token threshold huber_delta."""
-    return spec.bias in ("huber", "huber_norm")
+    """The spec's bias takes the per-token Huber threshold (both Huber biases declare it)."""
+    return any(item.name == "huber_delta" for item in spec.extra_inputs)
 
 
 def make_inputs(spec, seq_len, seed=0, dtype=jnp.float32, batch=BATCH):
