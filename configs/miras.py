@@ -5,6 +5,8 @@ the block kinds of `models.miras` — on multi-query associative recall, the res
     python train.py --config=configs/miras.py:moneta --workdir=runs/moneta
     python train.py --config=configs/miras.py:yaad_hybrid --workdir=runs/yaad_hybrid
     python train.py --config=configs/miras.py:memora --config.model.memora.chunk_size=1 ...
+    python train.py --config=configs/miras.py:memora --config.model.memora.kl_chunk_form=exact
+    python train.py --config=configs/miras.py:moneta --config.model.moneta.lq_normaliser=chunk_start
 
 "<kind>" stacks two memory blocks; "<kind>_hybrid" alternates the memory block with
 sliding-window attention ("swa", a 16-token window: a quarter of the 64-token sequence, so

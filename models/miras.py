@@ -54,6 +54,18 @@ Newton-Schulz with Muon's 5 steps and (3.4445, -4.7750, 2.0315); Memora's initia
 log-weights N(0, 1) (`layers.neural_memory.log_probability_init`). The chunk-parallel
 training form takes each gradient at the chunk-start memory (Titans §3.2), as for every
 deep memory here.
+
+Training forms (Miras §5.4, the papers' own parallel forms, which run a chunk in the
+linear attention-like form of the Titans LMM instead of materialising every token's
+weights; speed and learning in benchmarks/results/miras_parallel_forms.md):
+Memora trains in it by default, `kl_chunk_form="lag_token"`: eq. 27 at each chunk's
+first token, additive steps on that token's weights after it (3x faster than eq. 27 at
+every token, and it recalls MQAR where eq. 27 at every token did not; text unchanged);
+`kl_chunk_form="exact"` is eq. 27 at every token. Moneta keeps eq. 24 at every token by
+default: `lq_normaliser="chunk_start"` (the ℓq normalisation at chunk boundaries only)
+runs at the LMM's speed but learned text worse at one seed of two. Decoding
+(`models.generate`) reproduces the chunked forward, so it runs the training form;
+`impl="reference"` is eqs. 24 / 27 token by token.
 """
 
 from models.titans import MEMORY_DEFAULTS, LMMBlock, register_memory_block
@@ -72,7 +84,7 @@ KIND_DEFAULTS = {
     "omeganet": {**_OMEGA, "rule": "gd"},
     "moneta": {"bias": "lp", "lp_p": 3.0, "retention": "lq", "lq_q": 4.0, "rule": "gd"},
     "yaad": {"bias": "huber_norm", "retention": "gated_decay", "rule": "gd"},
-    "memora": {"bias": "l2", "retention": "kl", "rule": "gd"},
+    "memora": {"bias": "l2", "retention": "kl", "kl_chunk_form": "lag_token", "rule": "gd"},
 }
 
 for _kind, _overrides in KIND_DEFAULTS.items():

@@ -139,6 +139,9 @@ class Retention:
       linear: the network reads the stored memory itself (only gated_decay), so the chunk
         runs in `chunked.chunk_step`'s attention-like form without materialising per-token
         weights; otherwise `chunked_materialised` runs it.
+      read_scale(stored, spec): for a retention whose weights are a per-leaf scalar times
+        the stored state (lq: 1 / ||A||_q^(q-2)), that scalar [..., 1, 1]; with it frozen
+        at the chunk start (`MemorySpec.lq_normaliser="chunk_start"`) the chunk is linear.
     """
 
     name: str
@@ -148,6 +151,7 @@ class Retention:
     after_update: Callable = miras.no_after_update
     gradient_at_retained: bool = True
     linear: bool = True
+    read_scale: Callable | None = None
 
 
 def gated_decay_retain(weights, log_decay):
@@ -182,6 +186,7 @@ RETENTIONS = {
         miras.lq_effective_weights,
         gradient_at_retained=False,
         linear=False,
+        read_scale=miras.lq_read_scale,
     ),
     # Memora (Miras eq. 27): P_t = log_softmax(alpha_t P_{t-1} + U_t), W_t = c exp(P_t).
     "kl": Retention(
@@ -194,6 +199,10 @@ RETENTIONS = {
         linear=False,
     ),
 }
+
+
+LQ_NORMALISERS = ("token", "chunk_start")  # `MemorySpec.lq_normaliser`
+KL_CHUNK_FORMS = ("exact", "lag_token")  # `MemorySpec.kl_chunk_form`
 
 
 # -------------------------------------------------------------------------- learning rule
@@ -315,6 +324,19 @@ class MemorySpec:
       error's l2 norm). See `choices_miras`.
     retention: "gated_decay", "lq" (Moneta; `lq_q`, `lq_eps` keeps the norm finite at 0) or
       "kl" (Memora; weights `kl_scale` x sqrt(d_in) x softmax).
+    lq_normaliser: where lq's W = A / ||A||_q^(q-2) takes its norm in the chunk-parallel
+      form. "token": every token's own A_t (eq. 24; the chunk materialises per-token
+      weights). "chunk_start": Miras §5.4's parallel form, normalisation at chunk
+      boundaries only -- token t of a chunk reads A_t / ||A_{c0}||_q^(q-2), A_{c0} the
+      chunk-start accumulator, so the chunk runs in the linear attention-like form at the
+      Titans LMM's cost. A parallel-training approximation (chunk size 1 reads with the
+      previous token's norm); the token references (`exact_scan`, `step`) keep eq. 24.
+    kl_chunk_form: how a chunk runs kl retention (rule "gd"). "exact": eq. 27 at every token
+      (softmax and log per token; the chunk materialises per-token weights). "lag_token":
+      Miras §5.4's parallel form (`chunked_lag_token`): the chunk's first token takes eq. 27,
+      the rest add GD steps to its weights W_1 in weight space (gradients at W_1), linear
+      like the Titans chunk; the chunk-end weights return to log-probabilities. Chunk size
+      1 is eq. 27 exactly; the token references (`exact_scan`, `step`) keep eq. 27.
     rule: "gd", "momentum" or "muon" (ATLAS; `ns_steps` Newton-Schulz steps with
       `ns_coefficients` (a, b, c)).
     omega_window: ATLAS eq. 9's c: the update at t uses the gradient of
@@ -337,6 +359,8 @@ class MemorySpec:
     lp_eps: float = 1e-6
     lq_q: float = 4.0
     lq_eps: float = 1e-12
+    lq_normaliser: str = "token"
+    kl_chunk_form: str = "exact"
     kl_scale: float = 1.0
     ns_steps: int = 5
     ns_coefficients: tuple[float, float, float] = QUINTIC_COEFFICIENTS  # Muon's
@@ -370,6 +394,15 @@ class MemorySpec:
         ):  # fmt: skip
             if not valid:
                 raise ValueError(f"MemorySpec.{field}={getattr(self, field)!r}; expected {wanted}")
+        if self.lq_normaliser not in LQ_NORMALISERS:
+            raise ValueError(f"MemorySpec.lq_normaliser={self.lq_normaliser!r}; expected one "
+                             f"of {list(LQ_NORMALISERS)}")  # fmt: skip
+        if self.kl_chunk_form not in KL_CHUNK_FORMS:
+            raise ValueError(f"MemorySpec.kl_chunk_form={self.kl_chunk_form!r}; expected one "
+                             f"of {list(KL_CHUNK_FORMS)}")  # fmt: skip
+        if self.lag_token_chunk and self.rule != "gd":
+            raise ValueError(f"MemorySpec.kl_chunk_form='lag_token' with rule={self.rule!r}; "
+                             "expected rule 'gd' (Miras §5.4's Memora chunk)")  # fmt: skip
         if self.omega_gates not in miras.OMEGA_GATE_KINDS:
             raise ValueError(f"MemorySpec.omega_gates={self.omega_gates!r}; expected one of "
                              f"{list(miras.OMEGA_GATE_KINDS)}")  # fmt: skip
@@ -399,10 +432,27 @@ class MemorySpec:
         return _bind(rule, self, "token_update", "update_from_momentum")
 
     @property
+    def chunk_read_scale(self) -> Callable | None:
+        """(stored, spec) -> per-leaf scale a chunk reads with, frozen at the chunk start
+        (lq with lq_normaliser="chunk_start"); None: the chunk reads effective weights."""
+        if self.retention == "lq" and self.lq_normaliser == "chunk_start":
+            return self.retention_rule.read_scale
+        return None
+
+    @property
+    def lag_token_chunk(self) -> bool:
+        """kl retention in Miras §5.4's linearised chunk (`chunked_lag_token`)."""
+        return self.retention == "kl" and self.kl_chunk_form == "lag_token"
+
+    @property
     def linear_in_chunk(self) -> bool:
         """True when `chunked.chunk_step`'s attention-like linear form applies (Titans eqs.
-        16-18): gated_decay retention and a rule with chunk coefficients (gd, momentum)."""
-        return self.retention_rule.linear and self.learning_rule.chunk_coefficients is not None
+        16-18): a linear retention (gated_decay, or lq read with its chunk-start scale) and
+        a rule with chunk coefficients (gd, momentum); kl's lag-token chunk is linear after
+        its first token."""
+        linear = self.retention_rule.linear or self.chunk_read_scale is not None
+        linear = linear or self.lag_token_chunk
+        return linear and self.learning_rule.chunk_coefficients is not None
 
     @property
     def extra_inputs(self) -> tuple[TokenInput, ...]:

@@ -26,6 +26,8 @@ Retentions (the memory is stored as `stored`; the network runs on `effective(sto
   lq     Moneta, Miras eq. 24: the state is an accumulator A_t = alpha_t A_{t-1} + U_t and
          the weights are W_t = A_t / ||A_t||_q^(q-2), per weight matrix and head (q = 4).
          Note ||W||_q = ||A||_q^(3-q): for q > 3 forgetting (A shrinking) grows W.
+         Miras §5.4 trains Moneta with the normalisation at chunk boundaries only (inside a
+         chunk A accumulates linearly): `lq_normaliser="chunk_start"` (see `MemorySpec`).
   kl     Memora, Miras eq. 27: W_t = c Softmax(alpha_t log W_{t-1} - eta_t grad). The state
          holds log-probabilities P_t = log_softmax(alpha_t P_{t-1} + U_t); W = c exp(P).
          The softmax runs over the input axis d_in of each [d_in, d_out] matrix (each output
@@ -38,6 +40,8 @@ Retentions (the memory is stored as `stored`; the network runs on `effective(sto
          parameter-free LN amplifies what is left: Memora stalled at 3.34 nats/byte on
          text after 300 steps; with c ~ 6 (about sqrt(32)) it reached 1.59, with the other
          memories (benchmarks/results/model_comparison.md).
+         Miras §5.4 trains Memora with a linearised chunk (eq. 27 only at the chunk's first
+         "lag" token, additive steps after it): `kl_chunk_form="lag_token"` (`MemorySpec`).
 
 Rule muon (ATLAS's "Atlas" update, the Omega rule optimised with Muon): the momentum is
 S_t = eta_t S_{t-1} - u_t and the memory adds theta_t NS_k(S_t), Newton-Schulz with the
@@ -121,19 +125,25 @@ def identity_weights(stored, spec):
 
 
 def lq_effective_weights(stored, spec):
-    """W = A / ||A||_q^(q-2) per leaf [..., d_in, d_out] (Miras eq. 24), q = spec.lq_q.
+    """W = A / ||A||_q^(q-2) per leaf [..., d_in, d_out] (Miras eq. 24), q = spec.lq_q."""
+    return jax.tree.map(lambda a, s: s * a, stored, lq_read_scale(stored, spec))
+
+
+def lq_read_scale(stored, spec):
+    """1 / ||A||_q^(q-2) per leaf, shaped [..., 1, 1]: W = scale x A.
 
     |A|^q is written (A^2)^(q/2) (smooth at 0); `lq_eps` inside the sum keeps the power
-    finite for an all-zero accumulator. q = 2 is the identity exactly (power 0).
+    finite for an all-zero accumulator. q = 2 is the identity exactly (power 0). With
+    `lq_normaliser="chunk_start"` a chunk reads every token's A_t with its chunk-start
+    accumulator's scale (Miras §5.4, see `MemorySpec`).
     """
     q = spec.lq_q
 
-    def normalise(accumulator):
+    def scale(accumulator):
         power_sum = jnp.sum(jnp.power(jnp.square(accumulator), q / 2.0), axis=(-2, -1))
-        scale = jnp.power(power_sum + spec.lq_eps, (q - 2.0) / q)
-        return accumulator / scale[..., None, None]
+        return 1.0 / jnp.power(power_sum + spec.lq_eps, (q - 2.0) / q)[..., None, None]
 
-    return jax.tree.map(normalise, stored)
+    return jax.tree.map(scale, stored)
 
 
 def kl_effective_weights(stored, spec):
@@ -145,6 +155,24 @@ def kl_effective_weights(stored, spec):
         return scale * jax.nn.softmax(logits, axis=-2)
 
     return jax.tree.map(weights, stored)
+
+
+# Memora's parallel form (`chunked_lag_token`) maps additive weights back to probabilities;
+# an entry the additive steps left at or below this probability is held at it.
+KL_PROBABILITY_FLOOR = 1e-6
+
+
+def kl_logits_from_weights(weights, spec):
+    """P = log_softmax(log max(W / c, floor)) over d_in: log-probabilities whose
+    `kl_effective_weights` are W wherever W / c is a column of probabilities above the floor
+    (the inverse of the weights map, Miras eq. 32's return to the simplex)."""
+
+    def logits(w):
+        scale = spec.kl_scale * w.shape[-2] ** 0.5
+        floored = jnp.maximum(w / scale, KL_PROBABILITY_FLOOR)
+        return jax.nn.log_softmax(jnp.log(floored), axis=-2)
+
+    return jax.tree.map(logits, weights)
 
 
 def kl_after_update(stored):

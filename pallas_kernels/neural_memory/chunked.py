@@ -5,16 +5,20 @@ chunk-start point (gamma_i M_{c0} for gated decay; W_{c0} for lq / kl), the rule
 `reference.chunk_start_scan` runs token by token. All the chunk's gradients come at once
 (`chunked_gradients`, with the Omega window of ATLAS eq. 9). Then:
 
-Linear choices (gated_decay retention, gd / momentum rule; `MemorySpec.linear_in_chunk`):
-the chunk is linear in its inputs, so
+Linear choices (gated_decay retention, or lq read at its chunk-start norm; gd / momentum
+rule; `MemorySpec.linear_in_chunk`): the chunk is linear in its inputs, so
   1. retention and learning rule give, per (batch, head), the coefficients of
      M_t = Gamma_t M_{c0} + sum_{i<=t} C[t, i] (-theta_i u_i) + D_t S_{c0} (`ChunkCoefficients`);
   2. every token is read with its own M_t without materialising b weight copies: layer by
      layer, x W_{l,t} = Gamma_t x W_{l,c0} + sum_e C[t,s(e)] (-theta_s(e)) (x . a_{l,e})
      delta_{l,e} + D_t x S_{l,c0} -- an attention-like masked matmul over the b*c entries;
   3. the chunk-end state from the same coefficients at the chunk's last token.
+With lq's `lq_normaliser="chunk_start"` the stored accumulator is what steps 1-3 carry,
+every gradient is taken at W_{c0} = s A_{c0} and token t reads s A_t (s = 1 / ||A_{c0}||_q^(q-2)
+per layer: a per-layer factor on step 2's output).
 Other choices (lq, kl, muon): `chunked_materialised`, a cheap per-token pass over
-materialised per-token gradients.
+materialised per-token gradients; Memora's parallel form (kl with kl_chunk_form
+"lag_token"): `chunked_lag_token`, one exact token and then this linear form.
 
 `lax.scan` runs over the chunks. T not a multiple of b is padded at the end (zero q/k/v/
 theta/g, eta = 1, each declared input at its `TokenInput.pad`: finite, so nothing NaN
@@ -29,7 +33,7 @@ padding, as every coefficient matrix is lower triangular. Everything is float32 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.neural_memory import chunked_materialised
+from pallas_kernels.neural_memory import chunked_lag_token, chunked_materialised
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
 from pallas_kernels.neural_memory.chunked_gradients import (
     gradient_factors,
@@ -62,13 +66,17 @@ def chunk_step(spec: MemorySpec, state: NeuralMemoryState, chunk: MemoryInputs, 
     int or int32 scalar). Padding: `memory_inputs.pad_values`. segments: None, or (the
     chunk's `segments.Pieces`, the weights M_0 a document starts from) for packed rows.
     """
+    if spec.lag_token_chunk:
+        return chunked_lag_token.chunk_step(spec, state, chunk, last, _linear_chunk_step)
     if spec.linear_in_chunk:
         return _linear_chunk_step(spec, state, chunk, last, segments)
     return chunked_materialised.chunk_step(spec, state, chunk, last, segments)
 
 
-def _linear_chunk_step(spec, state, chunk, last, segments):
-    """Steps 1-3 of the module doc (gated_decay with gd or momentum)."""
+def _linear_chunk_step(spec, state, chunk, last, segments, undecayed_point=False):
+    """Steps 1-3 of the module doc (gated_decay or chunk-start-normalised lq; gd or
+    momentum). undecayed_point: gated_decay's gradients at M_{c0} itself, not gamma_t M_{c0}
+    (Memora's lag-token chunk, `chunked_lag_token`)."""
     query, lr, eta, log_decay = chunk.q, chunk.lr, chunk.momentum, chunk.log_decay
     architecture = spec.memory_architecture
     names = architecture.layer_names
@@ -85,12 +93,31 @@ def _linear_chunk_step(spec, state, chunk, last, segments):
     coefficients = spec.learning_rule.chunk_coefficients(transfer, eta)
     gamma = start_decay[..., None]  # [B, H, b, 1]: Gamma_t, also gamma_i for the gradients
 
-    scale = per_entry(spec, start_decay)[..., None]
-    factors = gradient_factors(spec, weights, entries, scale=scale)
-    if segments is not None:  # a fresh piece's gradients are taken at gamma_t M_0
+    read_scale = spec.chunk_read_scale  # lq at its chunk-start norm: W_t = s A_t
+    if read_scale is None:  # gradients at gamma_t M_{c0} (or M_{c0})
+        scale = 1.0 if undecayed_point else per_entry(spec, start_decay)[..., None]
+
+        def gradients_at(start_weights):
+            return gradient_factors(spec, start_weights, entries, scale=scale)
+    else:  # at W_{c0} = s A_{c0}
+
+        def gradients_at(start_weights):
+            return gradient_factors(spec, spec.effective_weights(start_weights), entries)
+
+    factors = gradients_at(weights)
+    if segments is not None:  # a fresh piece's gradients are taken at M_0's point
         fresh = per_entry(spec, pieces.fresh)[..., None]
-        restarted = gradient_factors(spec, restart_weights, entries, scale=scale)
+        restarted = gradients_at(restart_weights)
         factors = jax.tree.map(lambda a, b: jnp.where(fresh, a, b), restarted, factors)
+    token_scale = None  # per layer [B, H, 1 or b, 1]: the scale token t reads A_t with
+    if read_scale is not None:
+        token_scale = read_scale(weights, spec)
+        if segments is not None:  # a fresh piece reads with M_0's scale
+            token_scale = jax.tree.map(
+                lambda m0, s: jnp.where(pieces.fresh[..., None], m0, s),
+                read_scale(restart_weights, spec),
+                token_scale,
+            )
 
     # Coefficient of the outer product a_e^T delta_e in W_t: C[t, s(e)] * (-theta_s(e)).
     update_weight = per_entry(spec, coefficients.update * (-lr)[..., None, :])
@@ -105,7 +132,7 @@ def _linear_chunk_step(spec, state, chunk, last, segments):
         z = gamma * base + scores @ deltas
         if uses_momentum:
             z = z + coefficients.carried[..., None] * (layer_input @ momentum[name])
-        return z
+        return z if token_scale is None else token_scale[name] * z
 
     output, _ = architecture.run_layers(query, read_layer)
 
@@ -157,6 +184,9 @@ def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, segment_
     (`segments`), or from `restart_from`'s when given (a piece of a longer sequence that
     starts mid-document, `layers.context_parallel`).
     """
+    if segment_ids is not None and spec.lag_token_chunk:
+        raise ValueError("segment_ids (packed rows) with kl_chunk_form='lag_token': not "
+                         "supported (a document opening mid-chunk has no lag token)")  # fmt: skip
     seq_len = inputs.q.shape[1]
     num_chunks = -(-seq_len // chunk_size)
     state = jax.tree.map(at_least_float32, initial_state)

@@ -22,12 +22,13 @@ unnormalised sums are kept, and normalised once, at the state handed to the next
 Same weights as normalising every token; the sums stay bounded as the chunk start is
 normalised and a chunk adds only b updates.
 
-Departures from Miras §5.4 (its parallel training of Moneta / Memora): the paper applies
-Moneta's normalisation only at chunk ends and linearises Memora inside a chunk (softmax and
-log only at a "lag" token at the chunk start, additive updates after it); here only the
-gradient point is frozen at the chunk start -- the approximation every chunked choice makes
-(Titans §3.2) -- and the lq map / the softmax run exactly at every token, so chunk_size 1 is
-the exact token rule and the chunk form is held to `reference.chunk_start_scan`.
+This is the exact chunk form of lq and kl: only the gradient point is frozen at the chunk
+start -- the approximation every chunked choice makes (Titans §3.2) -- and the lq map / the
+softmax run exactly at every token, so chunk_size 1 is the exact token rule. Miras §5.4's own
+parallel forms of Moneta / Memora (the normalisation only at chunk ends; softmax and log
+only at a "lag" token at the chunk start, additive updates after it) are linear chunks:
+`MemorySpec.lq_normaliser="chunk_start"` and `kl_chunk_form="lag_token"` (`chunked`,
+`chunked_lag_token`).
 """
 
 import jax

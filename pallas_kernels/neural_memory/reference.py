@@ -23,7 +23,10 @@ chunk starting after token c0, every gradient of token t -- all c terms of its O
 including those of tokens before the chunk -- is taken at one point fixed by the chunk
 start: gated_decay: gamma_t M_{c0}, gamma_t = exp(sum_{m=c0+1..t} g_m) (the chunk-start
 memory decayed to token t); lq, kl: W_{c0} = effective(M_{c0}). Everything else (rule,
-retention, read) is exact. With chunk_size 1 it is the exact rule.
+retention, read) is exact. With chunk_size 1 it is the exact rule. (Except what the spec
+asks to freeze at the chunk start too: lq with `lq_normaliser="chunk_start"` reads token t
+as A_t / ||A_{c0}||_q^(q-2), Miras §5.4's parallel form; kl with `kl_chunk_form="lag_token"`
+runs `lag_token_scan`, Memora's parallel form. `exact_scan` keeps eqs. 24 and 27.)
 
 Inputs: one `MemoryInputs` (q, k [B, T, H, Dk]; v [B, T, H, Dv]; lr (theta), momentum (eta,
 or None for GD), log_decay (g <= 0) and the spec's declared extras (Huber's huber_delta,
@@ -35,7 +38,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
-from pallas_kernels.neural_memory.choices_miras import window_tokens, with_pair_gates
+from pallas_kernels.neural_memory.choices_miras import (
+    kl_logits_from_weights,
+    window_tokens,
+    with_pair_gates,
+)
 from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
 from pallas_kernels.neural_memory.segments import document_starts, reset_state, where_rows
 
@@ -101,8 +108,9 @@ def _update(spec, state, retained, gradient, lr, momentum, window):
     return NeuralMemoryState(weights, new_momentum, window)
 
 
-def _token(spec, state, point, token: MemoryInputs):
-    """One token given the point P_t where its gradients are taken -> (o_t, state)."""
+def _token(spec, state, point, token: MemoryInputs, read_scale=None):
+    """One token given the point P_t where its gradients are taken -> (o_t, state).
+    read_scale: None (read effective(M_t)), or per-leaf factors s: read s M_t."""
     retained = spec.retention_rule.retain(state.weights, token.log_decay)
     if point is None:  # the exact rule
         point = retained
@@ -111,7 +119,11 @@ def _token(spec, state, point, token: MemoryInputs):
     window_inputs, window = omega_window_tokens(spec, state.window, token)
     gradient = window_gradient(spec, point, *window_inputs)
     state = _update(spec, state, retained, gradient, token.lr, token.momentum, window)
-    return read(spec, spec.effective_weights(state.weights), token.q), state
+    if read_scale is None:
+        weights = spec.effective_weights(state.weights)
+    else:
+        weights = jax.tree.map(lambda s, m: s * m, read_scale, state.weights)
+    return read(spec, weights, token.q), state
 
 
 def step(spec, state, token: MemoryInputs):
@@ -160,6 +172,10 @@ def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, obse
     stacked on a leading T axis) is returned (`evals.memory_behaviour` traces retrieval
     errors with it). segment_ids [B, T] (packed rows): where the id changes, the state
     becomes `segments.reset_state(initial_state)` and a chunk starts."""
+    if spec.lag_token_chunk:
+        if observe is not None or segment_ids is not None:
+            raise ValueError("kl_chunk_form='lag_token': observe and segment_ids not supported")
+        return lag_token_scan(spec, inputs, initial_state, chunk_size)
     seq_len = inputs.q.shape[1]
     on_grid = jnp.arange(seq_len) % chunk_size == 0
     retention = spec.retention_rule
@@ -180,7 +196,10 @@ def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, obse
             point = jax.tree.map(lambda w: gamma[..., None, None] * w, chunk_start_weights)
         else:  # W_{c0}
             point = spec.effective_weights(chunk_start_weights)
-        output, new_state = _token(spec, state, point, token)
+        read_scale = None  # lq with lq_normaliser="chunk_start": read s(A_{c0}) A_t
+        if spec.chunk_read_scale is not None:
+            read_scale = spec.chunk_read_scale(chunk_start_weights, spec)
+        output, new_state = _token(spec, state, point, token, read_scale)
         observed = None if observe is None else observe(index, state, new_state, token)
         return (new_state, chunk_start_weights, gamma), (output, observed)
 
@@ -192,3 +211,45 @@ def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, obse
     )
     outputs = jnp.moveaxis(outputs, 0, 1).astype(inputs.v.dtype)
     return (outputs, final_state) if observe is None else (outputs, final_state, observed)
+
+
+def lag_token_scan(spec, inputs: MemoryInputs, initial_state, chunk_size):
+    """Memora's parallel form (`chunked_lag_token`) token by token -> (o, final state).
+
+    A chunk's first token is eq. 27 (`step`), giving W_1; every later token t of the chunk
+    steps the weights themselves, W_t = exp(g_t) W_{t-1} - theta_t grad l(W_1; x_t) (jax.grad
+    at W_1), and reads W_t; after the chunk's last token (or the sequence's) W goes back to
+    log-probabilities (`kl_logits_from_weights`). Carry: (state with the stored
+    log-probabilities, W_t, W_1)."""
+    seq_len = inputs.q.shape[1]
+    state = jax.tree.map(at_least_float32, initial_state)
+
+    def lag(state, weights, lag_weights, token):
+        output, state = _token(spec, state, None, token)
+        lag_weights = spec.effective_weights(state.weights)
+        return output, state, lag_weights, lag_weights
+
+    def additive(state, weights, lag_weights, token):
+        window_inputs, window = omega_window_tokens(spec, state.window, token)
+        gradient = window_gradient(spec, lag_weights, *window_inputs)
+        retained = jax.tree.map(lambda w: jnp.exp(token.log_decay)[..., None, None] * w, weights)
+        _, update = spec.learning_rule.token_update(None, gradient, token.lr, None)
+        weights = jax.tree.map(jnp.add, retained, update)
+        output = read(spec, weights, token.q)
+        return output, state._replace(window=window), weights, lag_weights
+
+    def body(carry, scanned):
+        index, token = scanned
+        output, state, weights, lag_weights = jax.lax.cond(
+            index % chunk_size == 0, lag, additive, *carry, token
+        )
+        chunk_end = (index % chunk_size == chunk_size - 1) | (index == seq_len - 1)
+        returned = kl_logits_from_weights(weights, spec)
+        ends_additive = chunk_end & (index % chunk_size != 0)
+        logits = jax.tree.map(lambda r, p: jnp.where(ends_additive, r, p), returned, state.weights)
+        return (state._replace(weights=logits), weights, lag_weights), output
+
+    weights = spec.effective_weights(state.weights)
+    scanned = (jnp.arange(seq_len), _time_major(inputs))
+    (final_state, _, _), outputs = jax.lax.scan(body, (state, weights, weights), scanned)
+    return jnp.moveaxis(outputs, 0, 1).astype(inputs.v.dtype), final_state

@@ -1,6 +1,7 @@
 """Smoke tests of benchmarks.throughput and benchmarks.model_comparison at tiny sizes:
 the FLOP estimate and cache sizes against hand counts, parameter matching, and one short
-end-to-end comparison row (no timing or accuracy is asserted)."""
+end-to-end comparison row (no timing or accuracy is asserted); the Miras parallel-form
+benchmark's variants and table."""
 
 import json
 
@@ -8,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks import model_comparison, plots, throughput
-from configs import mqar
+from benchmarks import miras_parallel_forms, model_comparison, plots, throughput
+from configs import base, mqar
+from training import config_validation
 
 
 def _resolved_mqar(kind):
@@ -169,3 +171,19 @@ def test_gradient_scale_breakdown_by_row_and_against_random_bytes():
     # The batch's loss is the mean over both rows: its gradient is at most their mean's norm.
     assert 0 < result["batch"] <= sum(result["per_row"]) / 2 * (1 + 1e-5)
     assert result["random_bytes"] > 0 and len(result["largest_row"]) == config.data.seq_len
+
+
+def test_miras_parallel_forms_variants_are_valid_configs_and_ratios_are_to_the_lmm():
+    """Every variant's options are real MemorySpec options of its kind (a typo would be a
+    config error, not a silently default run), and the table's ratio is the LMM's time over
+    the variant's."""
+    for _, kind, overrides in miras_parallel_forms.VARIANTS:
+        config = throughput.SIZES["tiny"](kind, 3)
+        for key, value in overrides.items():
+            assert key in config.model[kind]
+            config.model[kind][key] = value
+        config_validation.validate(config, base.get_config())
+    header = {"machine": "m", "jax": "j", "date": "d", "command": "c", "xla_flags": ""}
+    results = {"tiny": {"lmm": (0.3, 4096), "moneta, x": (0.6, 4096)}}
+    table = miras_parallel_forms.markdown(header, results, rounds=3)
+    assert "| tiny | moneta, x | 600.0 | 6,827 | 0.50 |" in table

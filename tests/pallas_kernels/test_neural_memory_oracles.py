@@ -1,5 +1,7 @@
 """Written-out NumPy oracles for four deep-memory choices: Moneta's lq retention, Memora's
-KL retention, Yaad's Huber biases and the Titans momentum rule.
+KL retention, Yaad's Huber biases and the Titans momentum rule; and for the papers' own
+parallel forms of Moneta and Memora (Miras §5.4: lq normalised at chunk boundaries, kl's
+lag-token chunk).
 
 The other tests hold `chunked` to `reference`, and both call the same choice functions, so
 a wrong formula in a choice would pass them. Here each update is written again from the
@@ -26,6 +28,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.neural_memory import MemorySpec, NeuralMemoryState, chunked, reference
+from pallas_kernels.neural_memory.choices_miras import KL_PROBABILITY_FLOOR
 from pallas_kernels.neural_memory.memory_inputs import from_named
 from tests.pallas_kernels.test_neural_memory import F64_TOL, max_relative_error
 
@@ -109,24 +112,30 @@ def lq_normalise(accumulator, q):
     return accumulator / norm ** (q - 2.0)
 
 
-def moneta_numpy(x, weights, *, q, p, lp_eps, chunk_size):
+def moneta_numpy(x, weights, *, q, p, lp_eps, chunk_size, normaliser="token"):
     """Moneta (Miras eq. 24) with a matrix memory M(k) = k W, one head:
         A_t = alpha_t A_{t-1} - theta_t grad l_p(W_{t-1}; k_t, v_t),  W_t = A_t / ||A_t||_q^(q-2),
         o_t = q_t W_t, alpha_t = exp(g_t).
     l_p (Miras eqs. 10-11, with the package's documented 1/p and smoothing, `choices_miras`):
     grad_W (1/p) sum_j (e_j^2 + eps)^(p/2) = k_t^T [e (e^2 + eps)^((p-2)/2)], e = k_t W - v_t;
-    p = 2 is the plain 1/2 ||e||^2 (its gradient k^T e, no eps at all)."""
+    p = 2 is the plain 1/2 ||e||^2 (its gradient k^T e, no eps at all).
+    normaliser "chunk_start" (Miras §5.4: normalised at chunk boundaries only): token t
+    reads o_t = q_t A_t / ||A_{c0}||_q^(q-2), the norm of the chunk-start accumulator."""
     accumulator = weights["W"].copy()
     outputs = []
     for t in range(len(x["k"])):
         if starts_chunk(t, chunk_size):
             point = lq_normalise(accumulator, q)  # W_{c0}; W_{t-1} when chunk_size == 1
+            start_norm = np.sum(np.abs(accumulator) ** q) ** (1.0 / q)
         error = x["k"][t] @ point - x["v"][t]
         if p != 2.0:
             error = error * (error**2 + lp_eps) ** ((p - 2.0) / 2.0)
         gradient = np.outer(x["k"][t], error)
         accumulator = np.exp(x["log_decay"][t]) * accumulator - x["lr"][t] * gradient
-        outputs.append(x["q"][t] @ lq_normalise(accumulator, q))
+        if normaliser == "token":
+            outputs.append(x["q"][t] @ lq_normalise(accumulator, q))
+        else:
+            outputs.append(x["q"][t] @ (accumulator / start_norm ** (q - 2.0)))
     return np.stack(outputs), {"W": accumulator}
 
 
@@ -156,6 +165,37 @@ def test_lq_retention_matches_written_out_moneta(p, impl):
         exact, _ = per_head(moneta_numpy, inputs, [weights], q=4.0, p=p, lp_eps=spec.lp_eps,
                             chunk_size=1)  # fmt: skip
         assert max_relative_error(exact, expected_output) > 1e-4
+
+
+@pytest.mark.parametrize("impl", ["chunk-start-reference-2", "chunked-1", "chunked-2"])
+def test_lq_chunk_start_normaliser_matches_written_out_moneta(impl):
+    """`lq_normaliser="chunk_start"` (Miras §5.4's parallel form): the accumulator as eq. 24,
+    each token read with its chunk-start norm; the chunked form (linear, no per-token
+    weights) and `reference.chunk_start_scan` against the oracle, Moneta's l3 bias."""
+    spec = MemorySpec(architecture="matrix", bias="lp", lp_p=3.0, retention="lq", lq_q=4.0,
+                      lq_eps=0.0, lq_normaliser="chunk_start", rule="gd")  # fmt: skip
+    assert spec.linear_in_chunk
+    inputs = make_inputs(0, KEY_DIM, VALUE_DIM)
+    inputs["momentum"] = None
+    weights = {"W": np.random.default_rng(1).standard_normal((BATCH, HEADS, KEY_DIM, VALUE_DIM))}
+    chunk_size = int(impl.split("-")[-1])
+    expected_output, expected_weights = per_head(
+        moneta_numpy, inputs, [weights], q=4.0, p=3.0, lp_eps=spec.lp_eps,
+        chunk_size=chunk_size, normaliser="chunk_start",
+    )  # fmt: skip
+    with jax.enable_x64(True):
+        record = from_named({n: jnp.asarray(x) for n, x in inputs.items() if x is not None})
+        state = NeuralMemoryState(jax.tree.map(jnp.asarray, weights), None)
+        if impl.startswith("chunk-start-reference"):
+            output, final = reference.chunk_start_scan(spec, record, state, chunk_size)
+        else:
+            output, final = chunked.chunked_scan(spec, record, state, chunk_size)
+    assert max_relative_error(np.asarray(output), expected_output) < F64_TOL
+    assert max_relative_error(np.asarray(final.weights["W"]), expected_weights["W"]) < F64_TOL
+    # Guard: reading at the chunk-start norm differs from eq. 24's per-token norm.
+    per_token, _ = per_head(moneta_numpy, inputs, [weights], q=4.0, p=3.0,
+                            lp_eps=spec.lp_eps, chunk_size=chunk_size)  # fmt: skip
+    assert max_relative_error(per_token, expected_output) > 1e-3
 
 
 # ------------------------------------------------------------ Memora: KL retention
@@ -211,6 +251,64 @@ def test_kl_retention_matches_written_out_memora(impl):
     if impl == "chunked-2":
         exact, _ = per_head(memora_numpy, inputs, [logits], scale=scale, chunk_size=1)
         assert max_relative_error(exact, expected_output) > 1e-4
+
+
+def memora_lag_token_numpy(x, weights, *, scale, chunk_size, floor):
+    """Memora in Miras §5.4's parallel form (`kl_chunk_form="lag_token"`), matrix memory,
+    one head: a chunk's first ("lag") token is eq. 27 from the chunk-start W (as
+    `memora_numpy`), giving W_1; each later token of the chunk steps the weights themselves,
+        W_t = alpha_t W_{t-1} - theta_t k_t^T (k_t W_1 - v_t)     (gradient at W_1),
+    o_t = q_t W_t; after a chunk's last token (unless it is the lag token) W returns to the
+    simplex column by column: W <- c Softmax(log max(W / c, floor))."""
+    matrix = scale * column_softmax(weights["W"])
+    seq_len = len(x["k"])
+    outputs = []
+    for t in range(seq_len):
+        k, v, alpha, lr = x["k"][t], x["v"][t], np.exp(x["log_decay"][t]), x["lr"][t]
+        if starts_chunk(t, chunk_size):
+            gradient = np.outer(k, k @ matrix - v)
+            matrix = scale * column_softmax(alpha * np.log(matrix) - lr * gradient)
+            lag = matrix
+        else:
+            matrix = alpha * matrix - lr * np.outer(k, k @ lag - v)
+        outputs.append(x["q"][t] @ matrix)
+        chunk_end = t % chunk_size == chunk_size - 1 or t == seq_len - 1
+        if chunk_end and not starts_chunk(t, chunk_size):
+            matrix = scale * column_softmax(np.log(np.maximum(matrix / scale, floor)))
+    return np.stack(outputs), {"W": np.log(matrix / scale)}
+
+
+@pytest.mark.parametrize("impl", ["chunk-start-reference-2", "chunked-1", "chunked-2", "chunked-3"])
+def test_kl_lag_token_chunk_matches_written_out_memora(impl):
+    """`kl_chunk_form="lag_token"` (Miras §5.4's parallel Memora) with kl_scale 1.5: the chunked
+    form (linear after the lag token) and `reference.chunk_start_scan` against the oracle;
+    chunk 1 is eq. 27 itself."""
+    spec = MemorySpec(architecture="matrix", bias="l2", retention="kl", kl_scale=1.5,
+                      kl_chunk_form="lag_token", rule="gd")  # fmt: skip
+    assert spec.linear_in_chunk
+    inputs = make_inputs(2, KEY_DIM, VALUE_DIM)
+    inputs["momentum"] = None
+    logits = {"W": np.random.default_rng(3).standard_normal((BATCH, HEADS, KEY_DIM, VALUE_DIM))}
+    scale = 1.5 * math.sqrt(KEY_DIM)
+    chunk_size = int(impl.split("-")[-1])
+    expected_output, expected_logits = per_head(
+        memora_lag_token_numpy, inputs, [logits], scale=scale, chunk_size=chunk_size,
+        floor=KL_PROBABILITY_FLOOR,
+    )  # fmt: skip
+    with jax.enable_x64(True):
+        record = from_named({n: jnp.asarray(x) for n, x in inputs.items() if x is not None})
+        state = NeuralMemoryState(jax.tree.map(jnp.asarray, logits), None)
+        if impl.startswith("chunk-start-reference"):
+            output, final = reference.chunk_start_scan(spec, record, state, chunk_size)
+        else:
+            output, final = chunked.chunked_scan(spec, record, state, chunk_size)
+    assert max_relative_error(np.asarray(output), expected_output) < F64_TOL
+    assert max_relative_error(np.asarray(final.weights["W"]), expected_logits["W"]) < F64_TOL
+    exact, _ = per_head(memora_numpy, inputs, [logits], scale=scale, chunk_size=1)
+    if chunk_size == 1:  # every token a lag token: eq. 27
+        assert max_relative_error(exact, expected_output) < F64_TOL
+    else:  # guard: the additive steps are not eq. 27
+        assert max_relative_error(exact, expected_output) > 1e-3
 
 
 # ------------------------------------------------------------ Yaad: Huber biases

@@ -9,8 +9,8 @@ forgets the previous document, the momentum ones that the momentum restarts.
 
 CI holds the chunked form to the reset scan for the choices that exercise distinct code
 (the linear chunk step: titans; the materialised one with the Omega window and muon: atlas;
-kl's normalisation: memora), and runs the documents-alone and gradient checks on titans;
-the rest are `slow`.
+kl's normalisation: memora (eq. 27's chunk); lq read at its chunk-start norm), and runs the
+documents-alone and gradient checks on titans; the rest are `slow`.
 """
 
 import jax
@@ -20,16 +20,19 @@ import pytest
 
 from pallas_kernels.neural_memory import MemorySpec, chunked, init_state, neural_memory, reference
 from tests.pallas_kernels.test_neural_memory import F32_TOL, GRAD_TOL, max_relative_error
-from tests.pallas_kernels.test_neural_memory_choices import MODELS, make_inputs
+from tests.pallas_kernels.test_neural_memory_choices import MODELS, SINGLE_CHOICES, make_inputs
 
 SPECS = {
     "titans": MemorySpec(),
     "matrix-gd": MemorySpec(architecture="matrix", rule="gd"),
     "atlas-huber": MemorySpec(bias="huber", omega_window=3, rule="muon"),
     "omeganet-pair-gates": MemorySpec(omega_window=3, omega_gates="pair", rule="gd"),
-    **MODELS,
+    # every model's choices but Memora's lag-token chunk, which refuses packed rows (below)
+    **{name: spec for name, spec in MODELS.items() if not spec.lag_token_chunk},
+    "memora-exact": SINGLE_CHOICES["memora-exact"],
+    "moneta-chunk-start": SINGLE_CHOICES["moneta-chunk-start"],
 }
-IN_CI = {"titans", "atlas", "memora", "omeganet-pair-gates"}
+IN_CI = {"titans", "atlas", "memora-exact", "moneta-chunk-start", "omeganet-pair-gates"}
 CHUNK = 4
 # Row 0: starts at 3, 4, 6 (mid-chunk, two in one chunk, a one-token document) and 12 (on
 # the grid); row 1: documents on the grid of 4 (the case where packed equals run alone).
@@ -106,7 +109,7 @@ def test_packed_rows_equal_documents_run_alone(name):
     assert max_relative_error(packed[1:], alone) < F32_TOL
 
 
-@pytest.mark.parametrize("name", specs(["titans", "atlas-huber", "memora"], in_ci={"titans"}))
+@pytest.mark.parametrize("name", specs(["titans", "atlas-huber", "memora-exact"], in_ci={"titans"}))
 def test_packed_gradients_match_the_reset_scan(name):
     """d(random functional of outputs and final state) / d(every input, initial weights)."""
     spec = SPECS[name]
@@ -152,3 +155,14 @@ def test_api_checks_segment_ids_and_kernels_refuse_them():
             inputs, memory=spec, initial_state=state, impl="pallas_tpu", interpret=True,
             segment_ids=segment_ids(),
         )  # fmt: skip
+
+
+def test_lag_token_chunk_refuses_packed_rows():
+    """Memora's lag-token chunk has one lag token per chunk, so a document starting mid-chunk
+    has none: packed rows are refused by name, in the chunked form and its oracle."""
+    spec = MemorySpec(retention="kl", kl_chunk_form="lag_token", rule="gd")
+    inputs, state = make_inputs(spec, SEQ_LEN, seed=1)
+    with pytest.raises(ValueError, match="lag_token"):
+        chunked.chunked_scan(spec, inputs, state, CHUNK, segment_ids=segment_ids())
+    with pytest.raises(ValueError, match="lag_token"):
+        reference.chunk_start_scan(spec, inputs, state, CHUNK, segment_ids=segment_ids())
