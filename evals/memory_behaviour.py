@@ -77,14 +77,16 @@ def neural_memory_trace(spec, inputs, initial_state, chunk_size):
     forward = spec.memory_architecture.forward
     heads_major = lambda x: jnp.moveaxis(x.astype(jnp.float32), 1, 2)  # noqa: E731
     all_keys, all_values = heads_major(inputs.k), heads_major(inputs.v)  # [B, H, T, D]
+    # Memora's lag-token chunk hands the observer the weights each token reads themselves.
+    read_weights = (lambda w: w) if spec.lag_token_chunk else spec.effective_weights
 
     def read(state, x):  # x [B, H, D] -> [B, H, Dv] through the effective weights
-        output, _ = forward(spec.effective_weights(state.weights), x[..., None, :])
+        output, _ = forward(read_weights(state.weights), x[..., None, :])
         return output[..., 0, :]
 
     def observe(t, before, after, token):
         key, value = token.k, token.v
-        weights = spec.effective_weights(after.weights)
+        weights = read_weights(after.weights)
         predictions, _ = forward(weights, all_keys)
         return {
             "state_norm": jnp.sqrt(

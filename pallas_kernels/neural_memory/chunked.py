@@ -185,8 +185,7 @@ def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, segment_
     starts mid-document, `layers.context_parallel`).
     """
     if segment_ids is not None and spec.lag_token_chunk:
-        raise ValueError("segment_ids (packed rows) with kl_chunk_form='lag_token': not "
-                         "supported (a document opening mid-chunk has no lag token)")  # fmt: skip
+        raise ValueError(chunked_lag_token.PACKED_ROWS_ERROR)
     seq_len = inputs.q.shape[1]
     num_chunks = -(-seq_len // chunk_size)
     state = jax.tree.map(at_least_float32, initial_state)

@@ -35,6 +35,11 @@ from pallas_kernels.neural_memory.chunked_gradients import (
     window_entries,
 )
 
+PACKED_ROWS_ERROR = (
+    "segment_ids (packed rows) with kl_chunk_form='lag_token': not supported (a document "
+    "opening mid-chunk has no lag token)"
+)
+
 
 def weight_space_spec(spec):
     """Step 2's choices: the same memory and bias, gated decay on the weights themselves."""

@@ -43,6 +43,7 @@ from pallas_kernels.neural_memory.choices_miras import (
     window_tokens,
     with_pair_gates,
 )
+from pallas_kernels.neural_memory.chunked_lag_token import PACKED_ROWS_ERROR
 from pallas_kernels.neural_memory.memory_inputs import MemoryInputs
 from pallas_kernels.neural_memory.segments import document_starts, reset_state, where_rows
 
@@ -173,9 +174,9 @@ def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, obse
     errors with it). segment_ids [B, T] (packed rows): where the id changes, the state
     becomes `segments.reset_state(initial_state)` and a chunk starts."""
     if spec.lag_token_chunk:
-        if observe is not None or segment_ids is not None:
-            raise ValueError("kl_chunk_form='lag_token': observe and segment_ids not supported")
-        return lag_token_scan(spec, inputs, initial_state, chunk_size)
+        if segment_ids is not None:
+            raise ValueError(PACKED_ROWS_ERROR)
+        return lag_token_scan(spec, inputs, initial_state, chunk_size, observe)
     seq_len = inputs.q.shape[1]
     on_grid = jnp.arange(seq_len) % chunk_size == 0
     retention = spec.retention_rule
@@ -213,14 +214,17 @@ def chunk_start_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, obse
     return (outputs, final_state) if observe is None else (outputs, final_state, observed)
 
 
-def lag_token_scan(spec, inputs: MemoryInputs, initial_state, chunk_size):
-    """Memora's parallel form (`chunked_lag_token`) token by token -> (o, final state).
+def lag_token_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, observe=None):
+    """Memora's parallel form (`chunked_lag_token`) token by token -> (o, final state), and
+    observations as `chunk_start_scan`'s when `observe` is given.
 
     A chunk's first token is eq. 27 (`step`), giving W_1; every later token t of the chunk
     steps the weights themselves, W_t = exp(g_t) W_{t-1} - theta_t grad l(W_1; x_t) (jax.grad
     at W_1), and reads W_t; after the chunk's last token (or the sequence's) W goes back to
     log-probabilities (`kl_logits_from_weights`). Carry: (state with the stored
-    log-probabilities, W_t, W_1)."""
+    log-probabilities, W_t, W_1). `observe` sees the states as the weights each token reads
+    (weight space: W_{t-1} before, W_t after; the effective weights at a lag token), since
+    inside a chunk no log-probabilities exist."""
     seq_len = inputs.q.shape[1]
     state = jax.tree.map(at_least_float32, initial_state)
 
@@ -240,16 +244,30 @@ def lag_token_scan(spec, inputs: MemoryInputs, initial_state, chunk_size):
 
     def body(carry, scanned):
         index, token = scanned
-        output, state, weights, lag_weights = jax.lax.cond(
-            index % chunk_size == 0, lag, additive, *carry, token
+        is_lag = index % chunk_size == 0
+        before = jax.tree.map(
+            lambda e, w: jnp.where(is_lag, e, w), spec.effective_weights(carry[0].weights), carry[1]
         )
+        output, state, weights, lag_weights = jax.lax.cond(is_lag, lag, additive, *carry, token)
         chunk_end = (index % chunk_size == chunk_size - 1) | (index == seq_len - 1)
         returned = kl_logits_from_weights(weights, spec)
-        ends_additive = chunk_end & (index % chunk_size != 0)
-        logits = jax.tree.map(lambda r, p: jnp.where(ends_additive, r, p), returned, state.weights)
-        return (state._replace(weights=logits), weights, lag_weights), output
+        logits = jax.tree.map(
+            lambda r, p: jnp.where(chunk_end & ~is_lag, r, p), returned, state.weights
+        )
+        observed = None
+        if observe is not None:
+            observed = observe(
+                index,
+                NeuralMemoryState(before, None, carry[0].window),
+                NeuralMemoryState(weights, None, state.window),
+                token,
+            )
+        return (state._replace(weights=logits), weights, lag_weights), (output, observed)
 
     weights = spec.effective_weights(state.weights)
     scanned = (jnp.arange(seq_len), _time_major(inputs))
-    (final_state, _, _), outputs = jax.lax.scan(body, (state, weights, weights), scanned)
-    return jnp.moveaxis(outputs, 0, 1).astype(inputs.v.dtype), final_state
+    (final_state, _, _), (outputs, observed) = jax.lax.scan(
+        body, (state, weights, weights), scanned
+    )
+    outputs = jnp.moveaxis(outputs, 0, 1).astype(inputs.v.dtype)
+    return (outputs, final_state) if observe is None else (outputs, final_state, observed)
