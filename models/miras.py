@@ -55,17 +55,17 @@ log-weights N(0, 1) (`layers.neural_memory.log_probability_init`). The chunk-par
 training form takes each gradient at the chunk-start memory (Titans §3.2), as for every
 deep memory here.
 
-Training forms (Miras §5.4, the papers' own parallel forms, which run a chunk in the
-linear attention-like form of the Titans LMM instead of materialising every token's
-weights; speed and learning in benchmarks/results/miras_parallel_forms.md):
-Memora trains in it by default, `kl_chunk_form="lag_token"`: eq. 27 at each chunk's
-first token, additive steps on that token's weights after it (3x faster than eq. 27 at
-every token, and it recalls MQAR where eq. 27 at every token did not; text unchanged);
-`kl_chunk_form="exact"` is eq. 27 at every token. Moneta keeps eq. 24 at every token by
-default: `lq_normaliser="chunk_start"` (the ℓq normalisation at chunk boundaries only)
-runs at the LMM's speed but learned text worse at one seed of two. Decoding
-(`models.generate`) reproduces the chunked forward, so it runs the training form;
-`impl="reference"` is eqs. 24 / 27 token by token.
+Training forms: Moneta and Memora train in their paper's own parallel forms (Miras §5.4),
+which run a chunk in the linear attention-like form of the Titans LMM instead of
+materialising every token's weights (speed and learning:
+benchmarks/results/miras_parallel_forms.md). Moneta, `lq_normaliser="chunk_start"`: the ℓq
+normalisation at chunk boundaries only (a chunk reads A_t / ||A_{c0}||_q^(q-2)); its
+learning is the same as with eq. 24 at every token within Moneta's spread across seeds
+and machines. Memora, `kl_chunk_form="lag_token"`: eq. 27 at each chunk's first token,
+additive steps on that token's weights after it; it recalls MQAR where eq. 27 at every
+token did not, text unchanged. `lq_normaliser="token"` / `kl_chunk_form="exact"` train
+eqs. 24 / 27 at every token. Decoding (`models.generate`) reproduces the chunked forward,
+so it runs the training form; `impl="reference"` is eqs. 24 / 27 token by token.
 """
 
 from models.titans import MEMORY_DEFAULTS, LMMBlock, register_memory_block
@@ -82,7 +82,14 @@ _OMEGA = {
 KIND_DEFAULTS = {
     "atlas": {**_OMEGA, "rule": "muon"},
     "omeganet": {**_OMEGA, "rule": "gd"},
-    "moneta": {"bias": "lp", "lp_p": 3.0, "retention": "lq", "lq_q": 4.0, "rule": "gd"},
+    "moneta": {
+        "bias": "lp",
+        "lp_p": 3.0,
+        "retention": "lq",
+        "lq_q": 4.0,
+        "lq_normaliser": "chunk_start",
+        "rule": "gd",
+    },
     "yaad": {"bias": "huber_norm", "retention": "gated_decay", "rule": "gd"},
     "memora": {"bias": "l2", "retention": "kl", "kl_chunk_form": "lag_token", "rule": "gd"},
 }

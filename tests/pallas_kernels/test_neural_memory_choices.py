@@ -44,16 +44,16 @@ from tests.pallas_kernels.test_neural_memory import (
 )
 
 MODELS = {  # the combinations the Miras / ATLAS models use
-    "moneta": MemorySpec(bias="lp", lp_p=3.0, retention="lq", lq_q=4.0, rule="gd"),
+    "moneta": MemorySpec(
+        bias="lp", lp_p=3.0, retention="lq", lq_q=4.0, lq_normaliser="chunk_start", rule="gd"
+    ),
     "yaad": MemorySpec(bias="huber", retention="gated_decay", rule="gd"),
     "memora": MemorySpec(bias="l2", retention="kl", kl_chunk_form="lag_token", rule="gd"),
     "atlas": MemorySpec(omega_window=3, rule="muon", retention="gated_decay"),
     "omeganet": MemorySpec(omega_window=3, rule="gd", retention="gated_decay"),
 }
 SINGLE_CHOICES = {  # the new choices in other combinations, incl. the matrix memory
-    "moneta-chunk-start": MemorySpec(
-        bias="lp", lp_p=3.0, retention="lq", lq_q=4.0, lq_normaliser="chunk_start", rule="gd"
-    ),
+    "moneta-token-normaliser": MemorySpec(bias="lp", lp_p=3.0, retention="lq", lq_q=4.0, rule="gd"),
     "lq-chunk-start-momentum": MemorySpec(retention="lq", lq_normaliser="chunk_start"),
     "memora-exact": MemorySpec(bias="l2", retention="kl", rule="gd"),
     "lp-lq-momentum": MemorySpec(bias="lp", retention="lq", rule="momentum"),
@@ -66,7 +66,7 @@ SINGLE_CHOICES = {  # the new choices in other combinations, incl. the matrix me
 }
 GRADIENT_SPECS = {  # every new input (huber_delta, omega_gate) and choice has a gradient
     "moneta": MODELS["moneta"],
-    "moneta-chunk-start": SINGLE_CHOICES["moneta-chunk-start"],
+    "moneta-token-normaliser": SINGLE_CHOICES["moneta-token-normaliser"],
     "memora-exact": SINGLE_CHOICES["memora-exact"],
     "atlas-huber": MemorySpec(bias="huber", omega_window=3, rule="muon"),
     "omeganet-pair-gates": MemorySpec(omega_window=3, omega_gates="pair", rule="gd"),

@@ -30,9 +30,9 @@ SPECS = {
     # every model's choices but Memora's lag-token chunk, which refuses packed rows (below)
     **{name: spec for name, spec in MODELS.items() if not spec.lag_token_chunk},
     "memora-exact": SINGLE_CHOICES["memora-exact"],
-    "moneta-chunk-start": SINGLE_CHOICES["moneta-chunk-start"],
+    "moneta-token-normaliser": SINGLE_CHOICES["moneta-token-normaliser"],
 }
-IN_CI = {"titans", "atlas", "memora-exact", "moneta-chunk-start", "omeganet-pair-gates"}
+IN_CI = {"titans", "atlas", "memora-exact", "moneta", "omeganet-pair-gates"}
 CHUNK = 4
 # Row 0: starts at 3, 4, 6 (mid-chunk, two in one chunk, a one-token document) and 12 (on
 # the grid); row 1: documents on the grid of 4 (the case where packed equals run alone).
