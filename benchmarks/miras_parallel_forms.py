@@ -22,7 +22,7 @@ import time
 import jax
 
 from benchmarks import layer_cost
-from benchmarks.throughput import SIZES, build_step
+from benchmarks.throughput import SIZES, build_step, checked_sizes
 from configs import base
 from training import config_validation
 
@@ -96,10 +96,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
-    sizes = [s for s in args.sizes.split(",") if s]
-    for size in sizes:
-        if size not in SIZES:
-            parser.error(f"--sizes: {size!r} is not one of {', '.join(SIZES)}")
+    sizes = checked_sizes(parser, args.sizes)
     header = layer_cost.run_header("benchmarks.miras_parallel_forms", argv)
     results = {size: measure(size, args.rounds) for size in sizes}
     text = markdown(header, results, args.rounds)

@@ -182,6 +182,15 @@ def markdown(header, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+def checked_sizes(parser, text) -> list[str]:
+    """--sizes "tiny,small" -> the names, each one of SIZES (else the parser's error)."""
+    sizes = [s for s in text.split(",") if s]
+    for size in sizes:
+        if size not in SIZES:
+            parser.error(f"--sizes: {size!r} is not one of {', '.join(SIZES)}")
+    return sizes
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -191,10 +200,7 @@ def main(argv=None):
     parser.add_argument("--peak_flops", type=float, default=0.0, help="0: measure a matmul")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
-    sizes = [s for s in args.sizes.split(",") if s]
-    for size in sizes:
-        if size not in SIZES:
-            parser.error(f"--sizes: {size!r} is not one of {', '.join(SIZES)}")
+    sizes = checked_sizes(parser, args.sizes)
     header = layer_cost.run_header("benchmarks.throughput", argv)
     if args.peak_flops > 0:
         header.update(peak_flops=args.peak_flops, peak_source="--peak_flops")

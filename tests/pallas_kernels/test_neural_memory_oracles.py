@@ -68,6 +68,8 @@ def run_package(spec, inputs, weights, momentum, impl):
         state = NeuralMemoryState(as_jax(weights), as_jax(momentum))
         if impl == "reference":
             output, final = reference.exact_scan(spec, record, state)
+        elif impl.startswith("chunk-start-reference"):  # the chunked form's own oracle
+            output, final = reference.chunk_start_scan(spec, record, state, chunk_size_of(impl))
         else:
             output, final = chunked.chunked_scan(spec, record, state, chunk_size_of(impl))
         assert output.dtype == jnp.float64
@@ -77,7 +79,7 @@ def run_package(spec, inputs, weights, momentum, impl):
 def chunk_size_of(impl):
     """impl "chunked-2" -> 2; the reference is the exact rule, chunk size 1 (T = 3 with chunk 2
     is one whole chunk and a partial one)."""
-    return 1 if impl == "reference" else int(impl.split("-")[1])
+    return 1 if impl == "reference" else int(impl.split("-")[-1])
 
 
 def per_head(oracle, inputs, states, **options):
@@ -178,20 +180,14 @@ def test_lq_chunk_start_normaliser_matches_written_out_moneta(impl):
     inputs = make_inputs(0, KEY_DIM, VALUE_DIM)
     inputs["momentum"] = None
     weights = {"W": np.random.default_rng(1).standard_normal((BATCH, HEADS, KEY_DIM, VALUE_DIM))}
-    chunk_size = int(impl.split("-")[-1])
+    chunk_size = chunk_size_of(impl)
     expected_output, expected_weights = per_head(
         moneta_numpy, inputs, [weights], q=4.0, p=3.0, lp_eps=spec.lp_eps,
         chunk_size=chunk_size, normaliser="chunk_start",
     )  # fmt: skip
-    with jax.enable_x64(True):
-        record = from_named({n: jnp.asarray(x) for n, x in inputs.items() if x is not None})
-        state = NeuralMemoryState(jax.tree.map(jnp.asarray, weights), None)
-        if impl.startswith("chunk-start-reference"):
-            output, final = reference.chunk_start_scan(spec, record, state, chunk_size)
-        else:
-            output, final = chunked.chunked_scan(spec, record, state, chunk_size)
-    assert max_relative_error(np.asarray(output), expected_output) < F64_TOL
-    assert max_relative_error(np.asarray(final.weights["W"]), expected_weights["W"]) < F64_TOL
+    output, final_weights, _ = run_package(spec, inputs, weights, None, impl)
+    assert max_relative_error(output, expected_output) < F64_TOL
+    assert max_relative_error(final_weights, expected_weights) < F64_TOL
     # Guard: reading at the chunk-start norm differs from eq. 24's per-token norm.
     per_token, _ = per_head(moneta_numpy, inputs, [weights], q=4.0, p=3.0,
                             lp_eps=spec.lp_eps, chunk_size=chunk_size)  # fmt: skip
@@ -290,20 +286,14 @@ def test_kl_lag_token_chunk_matches_written_out_memora(impl):
     inputs["momentum"] = None
     logits = {"W": np.random.default_rng(3).standard_normal((BATCH, HEADS, KEY_DIM, VALUE_DIM))}
     scale = 1.5 * math.sqrt(KEY_DIM)
-    chunk_size = int(impl.split("-")[-1])
+    chunk_size = chunk_size_of(impl)
     expected_output, expected_logits = per_head(
         memora_lag_token_numpy, inputs, [logits], scale=scale, chunk_size=chunk_size,
         floor=KL_PROBABILITY_FLOOR,
     )  # fmt: skip
-    with jax.enable_x64(True):
-        record = from_named({n: jnp.asarray(x) for n, x in inputs.items() if x is not None})
-        state = NeuralMemoryState(jax.tree.map(jnp.asarray, logits), None)
-        if impl.startswith("chunk-start-reference"):
-            output, final = reference.chunk_start_scan(spec, record, state, chunk_size)
-        else:
-            output, final = chunked.chunked_scan(spec, record, state, chunk_size)
-    assert max_relative_error(np.asarray(output), expected_output) < F64_TOL
-    assert max_relative_error(np.asarray(final.weights["W"]), expected_logits["W"]) < F64_TOL
+    output, final_logits, _ = run_package(spec, inputs, logits, None, impl)
+    assert max_relative_error(output, expected_output) < F64_TOL
+    assert max_relative_error(final_logits, expected_logits) < F64_TOL
     exact, _ = per_head(memora_numpy, inputs, [logits], scale=scale, chunk_size=1)
     if chunk_size == 1:  # every token a lag token: eq. 27
         assert max_relative_error(exact, expected_output) < F64_TOL
