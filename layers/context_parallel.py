@@ -381,8 +381,14 @@ def deep_memory(spec, inputs, initial_state, *, chunk_size, segment_ids=None):
     map is not affine). inputs: `MemoryInputs` [B, T, H, ...]; initial_state:
     `NeuralMemoryState` [B, H, ...], also what a packed document restarts from."""
 
-    def run(tokens, state, fresh, segment_ids, shared):
-        return chunked.chunked_scan(spec, tokens, state, chunk_size, segment_ids,
+    packed = segment_ids is not None
+
+    def run(tokens, state, fresh, row_segments, shared):
+        # Unpacked rows (the pipeline's all-zero ids mark no document start) run without
+        # segment ids: the same result, and Memora's lag-token chunk refuses packed rows.
+        if not packed:
+            return chunked.chunked_scan(spec, tokens, state, chunk_size)
+        return chunked.chunked_scan(spec, tokens, state, chunk_size, row_segments,
                                     restart_from=fresh)  # fmt: skip
 
     return pipelined(run, inputs, initial_state, segment_ids=segment_ids)

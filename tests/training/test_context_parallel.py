@@ -138,3 +138,38 @@ def test_bad_context_layouts_are_named(kind, seq_len, options, message):
     config.data.seq_len = seq_len
     with pytest.raises(ConfigError, match=message):
         sharding_lib.check_context_parallel(config, 4)
+
+
+def test_memora_lag_token_chunk_splits_over_context_in_float64():
+    """Memora's default chunk (Miras §5.4's lag-token form) with T over 4 "context" devices,
+    unpacked rows (it refuses packed ones): outputs, final state and input gradients of the
+    single-device run. In float64: its chunk end takes the log of weights near the
+    probability floor, which amplifies float32 rounding -- a model's gradients moved by
+    5e-4 to 9e-4 between layouts (the exact kl chunk's by 9e-6); float64 checks the split."""
+    from layers import context_parallel
+    from pallas_kernels.neural_memory import MemorySpec, chunked
+    from tests.pallas_kernels.test_neural_memory import F64_TOL, max_relative_error
+    from tests.pallas_kernels.test_neural_memory_choices import make_inputs
+
+    spec = MemorySpec(retention="kl", kl_chunk_form="lag_token", rule="gd")
+    mesh = jax.make_mesh(
+        (2, 1, 4), sharding_lib.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3
+    )
+    with jax.enable_x64(True):
+        inputs, state = make_inputs(spec, seq_len=16, seed=3, dtype=jnp.float64)
+        probe = np.random.default_rng(4).standard_normal(inputs.v.shape)
+
+        def run(split, x):
+            if split:
+                return context_parallel.deep_memory(spec, x, state, chunk_size=4)
+            return chunked.chunked_scan(spec, x, state, 4)
+
+        def loss(split, x):
+            return jnp.sum(run(split, x)[0] * probe)
+
+        expected = run(False, inputs), jax.grad(lambda x: loss(False, x))(inputs)
+        with jax.set_mesh(mesh):
+            got = jax.jit(lambda x: (run(True, x), jax.grad(lambda y: loss(True, y))(x)))(inputs)
+        assert max_relative_error(got[0], expected[0]) < F64_TOL
+        for key, value in expected[1].named().items():
+            assert max_relative_error(got[1].named()[key], value) < F64_TOL, key
