@@ -37,7 +37,8 @@ from pallas_kernels.neural_memory.chunked_gradients import (
 
 PACKED_ROWS_ERROR = (
     "segment_ids (packed rows) with kl_chunk_form='lag_token': not supported (a document "
-    "opening mid-chunk has no lag token)"
+    "opening mid-chunk has no lag token); use kl_chunk_form='exact' or unpacked rows "
+    "(data.document_resets=False)"
 )
 
 
