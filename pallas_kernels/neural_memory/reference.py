@@ -37,7 +37,12 @@ the Omega gate gamma in [0, 1], absent meaning ones) [B, T, H]); state leaves
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.neural_memory.choices import MemorySpec, NeuralMemoryState, at_least_float32
+from pallas_kernels.neural_memory.choices import (
+    MemorySpec,
+    NeuralMemoryState,
+    at_least_float32,
+    gated_decay_retain,
+)
 from pallas_kernels.neural_memory.choices_miras import (
     kl_logits_from_weights,
     window_tokens,
@@ -236,7 +241,7 @@ def lag_token_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, observ
     def additive(state, weights, lag_weights, token):
         window_inputs, window = omega_window_tokens(spec, state.window, token)
         gradient = window_gradient(spec, lag_weights, *window_inputs)
-        retained = jax.tree.map(lambda w: jnp.exp(token.log_decay)[..., None, None] * w, weights)
+        retained = gated_decay_retain(weights, token.log_decay)
         _, update = spec.learning_rule.token_update(None, gradient, token.lr, None)
         weights = jax.tree.map(jnp.add, retained, update)
         output = read(spec, weights, token.q)
@@ -245,9 +250,6 @@ def lag_token_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, observ
     def body(carry, scanned):
         index, token = scanned
         is_lag = index % chunk_size == 0
-        before = jax.tree.map(
-            lambda e, w: jnp.where(is_lag, e, w), spec.effective_weights(carry[0].weights), carry[1]
-        )
         output, state, weights, lag_weights = jax.lax.cond(is_lag, lag, additive, *carry, token)
         chunk_end = (index % chunk_size == chunk_size - 1) | (index == seq_len - 1)
         returned = kl_logits_from_weights(weights, spec)
@@ -255,7 +257,12 @@ def lag_token_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, observ
             lambda r, p: jnp.where(chunk_end & ~is_lag, r, p), returned, state.weights
         )
         observed = None
-        if observe is not None:
+        if observe is not None:  # before: W_{t-1}, or the effective weights at a lag token
+            before = jax.tree.map(
+                lambda e, w: jnp.where(is_lag, e, w),
+                spec.effective_weights(carry[0].weights),
+                carry[1],
+            )
             observed = observe(
                 index,
                 NeuralMemoryState(before, None, carry[0].window),
