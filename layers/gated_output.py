@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.cpu_layouts import materialised_cotangent
 from layers.norms import rms_norm
 from layers.sharding import projection, with_logical_axes
 
@@ -31,7 +32,8 @@ class GatedOutput(nnx.Module):
 
     def __call__(self, o: jax.Array, x: jax.Array) -> jax.Array:
         """o [B, T, H, Dv] (memory readout), x [B, T, D] (the mixer input) -> [B, T, D]."""
-        gate = self.gate(x).reshape(o.shape).astype(jnp.float32)
+        # The gate's backward reads o's (transposed) scan outputs: `layers.cpu_layouts`.
+        gate = materialised_cotangent(self.gate(x)).reshape(o.shape).astype(jnp.float32)
         if self.norm:
             o = rms_norm(o, self.norm_scale[...], self.eps)
         normed = o.astype(jnp.float32) * jax.nn.silu(gate)

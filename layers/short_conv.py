@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.cpu_layouts import materialised_cotangent
 from layers.sharding import with_logical_axes
 
 
@@ -53,6 +54,9 @@ def causal_depthwise_conv(
     """
     batch_size, length, channels = x.shape
     taps = kernel.shape[0]
+    # x is usually a projection's output: keep its cotangent out of the weight gradient's
+    # transposing fusion on CPU (`layers.cpu_layouts`; 2.2x faster backward of the pair).
+    x = materialised_cotangent(x)
     if conv_state is None:
         conv_state = jnp.zeros((batch_size, taps - 1, channels), x.dtype)
     padded = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]

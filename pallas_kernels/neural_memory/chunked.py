@@ -209,11 +209,14 @@ def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, segment_
         segments = (chunk_pieces(chunk_starts), restart.weights)
         return chunk_step(spec, carry, chunk, chunk_last, segments)
 
-    if not spec.linear_in_chunk:
-        # The materialised chunk (muon, lq, kl) makes [B, H, b, d_in, d_out] per-token
-        # weights; kept for every chunk they were the backward's peak (ATLAS 3.9 GiB at
-        # T 4096, 21x the LMM's). Recomputing one chunk at a time keeps 85 MiB.
-        step = jax.checkpoint(step)
+    # The backward recomputes each chunk from its start state instead of keeping the
+    # chunk's intermediates for every chunk. The materialised chunk (muon, lq, kl) makes
+    # [B, H, b, d_in, d_out] per-token weights; kept for every chunk they were the
+    # backward's peak (ATLAS 3.9 GiB at T 4096, 21x the LMM's), recomputed one chunk at a
+    # time 85 MiB. The linear chunk is faster recomputed too: on CPU, stacking its ~100
+    # per-chunk residuals cost more than a second forward (Titans layer, 2 x 1024 tokens,
+    # fwd + bwd 0.31 -> 0.23 s at chunk 64; benchmarks/results/neural_memory_speed.md).
+    step = jax.checkpoint(step)
     scanned = (chunks, last, starts)
     state, outputs = jax.lax.scan(step, state, scanned)
     batch, heads = outputs.shape[1:3]

@@ -1,0 +1,57 @@
+"""`layers.cpu_layouts.materialised_cotangent`: the identity, values and gradients unchanged,
+and on CPU its backward really holds a conditional (jax drops a cond whose two branches are
+the same jaxpr, which silently undid the workaround once)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from layers.cpu_layouts import materialised_cotangent
+from layers.short_conv import causal_depthwise_conv
+
+
+def _projection_then_conv(weights, kernel, x, materialise):
+    projected = x @ weights
+    if materialise:
+        projected = materialised_cotangent(projected)
+    # A circular stand-in for the short convolution: shifted reads of the projection.
+    y = sum(jnp.roll(projected, tap, axis=1) * kernel[tap] for tap in range(kernel.shape[0]))
+    return jnp.sum(jax.nn.silu(y) * jnp.cos(x[..., :1]))
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 24, 16), dtype=np.float32))
+    weights = jnp.asarray(rng.standard_normal((16, 16), dtype=np.float32) / 4)
+    kernel = jnp.asarray(rng.standard_normal((4, 16), dtype=np.float32))
+    return weights, kernel, x
+
+
+def test_values_and_gradients_are_bit_identical():
+    args = _inputs()
+    grads = [
+        jax.jit(jax.grad(_projection_then_conv, argnums=(0, 1, 2)), static_argnums=3)(*args, m)
+        for m in (False, True)
+    ]
+    for plain, materialised in zip(*grads, strict=True):
+        np.testing.assert_array_equal(np.asarray(plain), np.asarray(materialised))
+    x = args[2]
+    np.testing.assert_array_equal(np.asarray(materialised_cotangent(x)), np.asarray(x))
+
+
+def test_cpu_backward_holds_a_conditional_and_the_forward_none():
+    weights, kernel, x = _inputs()
+    backward = jax.jit(jax.grad(lambda w: _projection_then_conv(w, kernel, x, True)))
+    assert "conditional(" in backward.lower(weights).compile().as_text()
+    forward = jax.jit(lambda w: _projection_then_conv(w, kernel, x, True))
+    assert "conditional(" not in forward.lower(weights).compile().as_text()
+
+
+def test_short_conv_backward_uses_it():
+    weights, kernel, x = _inputs()
+
+    def loss(w):
+        y, _ = causal_depthwise_conv(x @ w, kernel)
+        return jnp.sum(y * y)
+
+    assert "conditional(" in jax.jit(jax.grad(loss)).lower(weights).compile().as_text()
