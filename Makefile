@@ -95,6 +95,7 @@ bench: $(STAMP)
 	  --out benchmarks/results/tail_end_memory_gaussian
 	$(BENCH_XLA) $(PY) -m benchmarks.throughput --steps 20
 	taskset -c 0 $(PY) -m benchmarks.miras_parallel_forms
+	$(BENCH_XLA) taskset -c 0 $(PY) -m benchmarks.cpu_layouts
 	$(BENCH_XLA) $(PY) -m benchmarks.layer_cost --lengths=1024,2048,4096,8192,16384,32768 \
 	  --repeats=5 --budget_s=60 --max_memory_gb=4
 	$(PY) -m benchmarks.recall_sweep --kinds attention --learning_rates 1e-3,3e-3,1e-2 \

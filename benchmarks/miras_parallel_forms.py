@@ -15,16 +15,11 @@ Writes `benchmarks/results/miras_parallel_forms_speed.md`.
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
-
-import jax
 
 from benchmarks import layer_cost
-from benchmarks.throughput import SIZES, build_step, checked_sizes
-from configs import base
-from training import config_validation
+from benchmarks.step_timing import compiled_step, interleaved_medians
+from benchmarks.throughput import checked_sizes
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 VARIANTS = (  # (label, kind, option overrides of model.<kind>)
@@ -36,35 +31,10 @@ VARIANTS = (  # (label, kind, option overrides of model.<kind>)
 )
 
 
-def compiled_step(kind, size, overrides, steps):
-    """(compiled step, state, batch iterator, tokens per step) of one variant, warmed up."""
-    config = SIZES[size](kind, steps + 2)
-    for key, value in overrides.items():
-        config.model[kind][key] = value
-    config = config_validation.validate(config, base.get_config())
-    step, state, batches = build_step(config)
-    batch = next(batches)
-    compiled = step.lower(state, batch).compile()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    return compiled, state, batches, config.train.batch_size * config.data.seq_len
-
-
 def measure(size, rounds):
     """{label: (median seconds per step, tokens per step)} over interleaved rounds."""
-    runs = {label: list(compiled_step(k, size, o, rounds)) for label, k, o in VARIANTS}
-    times = {label: [] for label in runs}
-    for _ in range(rounds):
-        for label, run in runs.items():
-            compiled, state, batches, _ = run
-            batch = next(batches)
-            jax.block_until_ready(batch)
-            begin = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times[label].append(time.perf_counter() - begin)
-            run[1] = state
-    return {label: (statistics.median(times[label]), runs[label][3]) for label in runs}
+    runs = {label: compiled_step(k, size, o, rounds) for label, k, o in VARIANTS}
+    return interleaved_medians(runs, rounds)
 
 
 def markdown(header, results, rounds) -> str:
