@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.cpu_layouts import materialised_cotangent
 from layers.sharding import projection
 
 
@@ -42,7 +41,4 @@ class SwiGLU(nnx.Module):
         self.down = linear(hidden_dim, d_model, out_std, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # The SiLU-product's backward would otherwise run inside the transposing fusion of
-        # the weight gradients on CPU (`layers.cpu_layouts`).
-        gate, up = materialised_cotangent(self.gate(x)), materialised_cotangent(self.up(x))
-        return self.down(jax.nn.silu(gate) * up)
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
