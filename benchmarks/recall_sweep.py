@@ -126,12 +126,18 @@ def run_one(job: dict, cores: "queue.Queue[tuple[int, ...]]", keep_dir: str = ""
         seconds=round(seconds, 1),
         cores=len(core_set),
         returncode=result.returncode,
-        error=result.stderr.strip().splitlines()[-1] if result.returncode else "",
+        error=_last_line(result.stderr, result.returncode) if result.returncode else "",
         command=" ".join(command[1:]).replace(workdir, "WORKDIR"),
         workdir=workdir if keep_dir else "",
         date=datetime.date.today().isoformat(),
     )
     return row
+
+
+def _last_line(stderr: str, returncode: int) -> str:
+    """A failed run's last stderr line; a run killed by a signal (ended by hand) may have none."""
+    lines = stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit code {returncode}, no stderr"
 
 
 def jobs_for(args) -> list[dict]:
