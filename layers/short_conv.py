@@ -55,7 +55,7 @@ def causal_depthwise_conv(
     batch_size, length, channels = x.shape
     taps = kernel.shape[0]
     # x is usually a projection's output: keep its cotangent out of the weight gradient's
-    # transposing fusion on CPU (`layers.cpu_layouts`; 2.2x faster backward of the pair).
+    # transposing fusion on CPU (`layers.cpu_layouts`: projection + conv 2.2x faster, fwd + bwd).
     x = materialised_cotangent(x)
     if conv_state is None:
         conv_state = jnp.zeros((batch_size, taps - 1, channels), x.dtype)

@@ -214,8 +214,9 @@ def chunked_scan(spec, inputs: MemoryInputs, initial_state, chunk_size, segment_
     # [B, H, b, d_in, d_out] per-token weights; kept for every chunk they were the
     # backward's peak (ATLAS 3.9 GiB at T 4096, 21x the LMM's), recomputed one chunk at a
     # time 85 MiB. The linear chunk is faster recomputed too: on CPU, stacking its ~100
-    # per-chunk residuals cost more than a second forward (Titans layer, 2 x 1024 tokens,
-    # fwd + bwd 0.31 -> 0.23 s at chunk 64; benchmarks/results/neural_memory_speed.md).
+    # per-chunk residuals cost more than a second forward (Titans layer at the peers'
+    # config, 2 x 1024 tokens, one core: fwd + bwd 0.31 -> 0.23 s at chunk 64; README,
+    # "Against the peers").
     step = jax.checkpoint(step)
     scanned = (chunks, last, starts)
     state, outputs = jax.lax.scan(step, state, scanned)
