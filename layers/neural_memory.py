@@ -35,7 +35,8 @@ inner loss carries a 1/2 (θ is the delta rule's β), the gradient is taken at t
 memory exp(g_t) M_{t-1} (as Gated DeltaNet), and lr_max caps θ (the paper gives no value):
 by default (`lr_max=None`, `default_lr_max`) at the edge of the inner step's stability
 (from the inner loss's curvature, the Omega window and momentum) for the MLP memory with
-gated decay and a gradient rule, 0.1 otherwise (titans-pytorch's training scripts use 0.1).
+gated decay or ℓq retention and a gradient rule, 0.1 otherwise (titans-pytorch's training
+scripts use 0.1).
 
 Packed sequences (`segment_ids`): at each document start the memory restarts from M_0
 with zero momentum and an empty Omega window, a chunk starts there
@@ -83,14 +84,14 @@ DECAY_BIAS_INIT = -4.0
 # LN's sphere it can land opposite the target, a point the gradient cannot leave (trained MAL,
 # text seed 1: a run of spaces at θ = 0.1, error ‖LN‖ + ‖v‖, outer gradients 10^2-10^4 all
 # run long, benchmarks/results/gradient_scale.md). `default_lr_max` puts the cap at that
-# edge. The Muon rule's step θ NS(S) has a fixed size and the lq / KL retentions store other
-# weights, so they keep the earlier cap.
+# edge. The Muon rule's step θ NS(S) has a fixed size and the KL retention stores
+# log-probabilities, so they keep the earlier cap.
 DEFAULT_LR_MAX = 0.1
 
 
 def default_lr_max(spec: MemorySpec, key_dim: int, value_dim: int) -> float:
     """θ's cap when none is given: the inner step's stability edge at init for an MLP memory
-    with a squared-error bias (l2; Huber inside δ), gated decay and a gd / momentum rule;
+    with a gd / momentum rule, gated decay or ℓq retention, and an l2, Huber or ℓp bias;
     DEFAULT_LR_MAX for the other memories.
 
     One (k, v) pair written over and over (a run of one byte) is a quadratic of curvature
@@ -102,16 +103,23 @@ def default_lr_max(spec: MemorySpec, key_dim: int, value_dim: int) -> float:
     on unit keys. Measured (benchmarks/results/gradient_scale.md): MAL (momentum) at twice its
     cap ends text seed 1 at 2.136 bits/byte against 1.802; Yaad (gd) at half its cap recalled
     MQAR seed 0 at 92.3% after 1,000 steps against 99.7%.
+
+    Moneta's choices scale L (`_lq_step_gain`, `_bias_curvature`): its ℓq retention steps the
+    accumulator A by θ times the gradient in W = A / ||A||_q^(q-2), which is ||A||_q^(q-2)
+    times the gradient in A, and its ℓp bias has curvature (p - 1) |e|^(p-2) per coordinate.
+    With the cap of the l2 memories (0.1) Moneta ran 3-6x past its edge, and it
+    learned neither MQAR (1.3%) nor text (benchmarks/results/moneta_step.md).
     """
     covered = (
         spec.architecture == "mlp"
-        and spec.bias in ("l2", "huber", "huber_norm")
-        and spec.retention == "gated_decay"
+        and spec.bias in ("l2", "huber", "huber_norm", "lp")
+        and spec.retention in ("gated_decay", "lq")
         and spec.rule in ("gd", "momentum")
     )
     if not covered:
         return DEFAULT_LR_MAX
-    curvature = list(spec.weight_shapes(key_dim, value_dim).values())[-1][0]
+    last_shape = list(spec.weight_shapes(key_dim, value_dim).values())[-1]
+    curvature = last_shape[0] * _lq_step_gain(spec, last_shape) * _bias_curvature(spec)
     window = 1.0
     if spec.omega_window > 1:
         window = spec.omega_window * _sigmoid(OMEGA_GATE_BIAS_INIT)
@@ -119,6 +127,34 @@ def default_lr_max(spec: MemorySpec, key_dim: int, value_dim: int) -> float:
     if spec.learning_rule.uses_momentum:
         carried = 1.0 / (1.0 - _sigmoid(MOMENTUM_BIAS_INIT))
     return 2.0 / (curvature * window * carried)
+
+
+def _lq_step_gain(spec: MemorySpec, shape: tuple[int, int]) -> float:
+    """||A_0||_q^(q-2) for ℓq retention (1 otherwise), A_0 [d_in, d_out] ~ N(0, 1/d_in) as
+    `memory_weight_init` draws it: the factor by which a step of θ times the W-gradient is
+    longer than θ times the A-gradient. The output LN makes the last layer's function of A
+    scale-free, so its curvature in A is fan_in and this gain is what the step adds.
+    E||A||_q^q = d_in d_out E|z|^q σ^q, z ~ N(0, 1), σ = d_in^(-1/2)."""
+    if spec.retention != "lq":
+        return 1.0
+    q = spec.lq_q
+    d_in, d_out = shape
+    power_sum = d_in * d_out * _normal_absolute_moment(q) * d_in ** (-q / 2.0)
+    return power_sum ** ((q - 2.0) / q)
+
+
+def _bias_curvature(spec: MemorySpec) -> float:
+    """The attentional bias's second derivative per error coordinate, E over e ~ N(0, 1) (the
+    scale of the output LN's coordinates at init): 1 for l2 and Huber inside δ; for ℓp,
+    (p - 1) E|e|^(p-2) (1.60 at p = 3)."""
+    if spec.bias != "lp":
+        return 1.0
+    return (spec.lp_p - 1.0) * _normal_absolute_moment(spec.lp_p - 2.0)
+
+
+def _normal_absolute_moment(order: float) -> float:
+    """E|z|^order for z ~ N(0, 1): 2^(order/2) Γ((order + 1) / 2) / sqrt(π)."""
+    return 2.0 ** (order / 2.0) * math.gamma((order + 1.0) / 2.0) / math.sqrt(math.pi)
 
 
 def _sigmoid(logit: float) -> float:

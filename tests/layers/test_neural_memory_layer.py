@@ -345,9 +345,42 @@ def test_default_lr_max_is_the_stability_edge_of_the_inner_step():
     for other in (
         MemorySpec(architecture="matrix"),
         MemorySpec(rule="muon"),
-        MemorySpec(retention="lq"),
         MemorySpec(retention="kl"),
         MemorySpec(bias="dot_product"),
     ):
         assert _layer(other).lr_max == 0.1, other
     assert _layer(lr_max=0.3).lr_max == 0.3
+
+
+def test_default_lr_max_of_moneta_scales_the_edge_by_its_retention_and_bias():
+    """Moneta (ℓ3 bias, ℓ4 retention): L times ||A_0||_4^2 (the W-step's gain on A, for
+    A_0 ~ N(0, 1/d_in): sqrt(3 d_in d_out) / d_in) times the ℓ3 bias's curvature 2 E|e| =
+    2 sqrt(2/π); p = 2 and q = 2 are the l2 memory's cap exactly."""
+    fan_in = 2 * HEAD_DIM
+    gd = MemorySpec(rule="gd")
+    lq_gain = (3.0 * fan_in * HEAD_DIM) ** 0.5 / fan_in
+    lp_curvature = 2.0 * (2.0 / np.pi) ** 0.5
+    moneta = MemorySpec(rule="gd", bias="lp", lp_p=3.0, retention="lq", lq_q=4.0)
+    np.testing.assert_allclose(_layer(moneta).lr_max, 2.0 / (fan_in * lq_gain * lp_curvature))
+    lq_only = MemorySpec(rule="gd", retention="lq", lq_q=4.0)
+    np.testing.assert_allclose(_layer(lq_only).lr_max, 2.0 / (fan_in * lq_gain))
+    for same_as_l2 in (
+        MemorySpec(rule="gd", bias="lp", lp_p=2.0),
+        MemorySpec(rule="gd", retention="lq", lq_q=2.0),
+    ):
+        np.testing.assert_allclose(_layer(same_as_l2).lr_max, _layer(gd).lr_max)
+
+
+def test_lq_step_gain_is_the_norm_of_the_drawn_initial_weights():
+    """The cap's ||A_0||_q^(q-2) (an expectation) against that of the layer's drawn A_0, per
+    head: within 10% at d_in d_out = 512 entries, q = 3 and 4 (at q = 6 the sixth moment of
+    512 draws is itself 12% off)."""
+    from layers.neural_memory import _lq_step_gain
+    from pallas_kernels.neural_memory.choices_miras import lq_read_scale
+
+    for q in (3.0, 4.0):
+        spec = MemorySpec(rule="gd", retention="lq", lq_q=q)
+        drawn = _layer(spec).initial_weights["W2"][...]  # [H, 2d, d]
+        measured = 1.0 / lq_read_scale({"W2": drawn}, spec)["W2"][:, 0, 0]
+        expected = _lq_step_gain(spec, drawn.shape[1:])
+        np.testing.assert_allclose(measured, expected, rtol=0.1, err_msg=f"q={q}")

@@ -68,7 +68,7 @@ def test_tiny_model_learns_to_recall(kind, tmp_path):
 
 # Every kind with a recall target beyond attention and the delta rule. ATLAS and MoM train at
 # ~1K tokens/s on a 2-core CPU, so their runs take over an hour each.
-DEEP_MEMORY_KINDS = ("lmm", "mal", "mag", "mac", "atlas", "omeganet", "yaad", "mom")
+DEEP_MEMORY_KINDS = ("lmm", "mal", "mag", "mac", "atlas", "omeganet", "yaad", "moneta", "mom")
 
 
 @pytest.mark.slow
