@@ -53,7 +53,10 @@ Yaad's δ_t = softplus(x W_δ + b) (init 2√head_dim, twice a typical error at 
 Newton-Schulz with Muon's 5 steps and (3.4445, -4.7750, 2.0315); Memora's initial
 log-weights N(0, 1) (`layers.neural_memory.log_probability_init`). The chunk-parallel
 training form takes each gradient at the chunk-start memory (Titans §3.2), as for every
-deep memory here.
+deep memory here. θ is capped at the inner step's stability edge
+(`layers.neural_memory.default_lr_max`), which for Moneta includes its ℓq step gain and ℓ3
+curvature (0.016 at head_dim 32: at 0.1 it recalled MQAR at chance,
+benchmarks/results/moneta_step.md); ATLAS and Memora keep 0.1.
 
 Training forms: Moneta and Memora train in their paper's own parallel forms (Miras §5.4),
 which run a chunk in the linear attention-like form of the Titans LMM instead of
