@@ -91,8 +91,9 @@ DEFAULT_LR_MAX = 0.1
 
 def default_lr_max(spec: MemorySpec, key_dim: int, value_dim: int) -> float:
     """θ's cap when none is given: the inner step's stability edge at init for an MLP memory
-    with a gd / momentum rule, gated decay or ℓq retention, and an l2, Huber or ℓp bias;
-    DEFAULT_LR_MAX for the other memories.
+    with a gd / momentum rule, gated decay or ℓq retention, and an l2, Huber or ℓp (p >= 2)
+    bias; DEFAULT_LR_MAX for the other memories (below p = 2 the ℓp step no longer shrinks
+    with the error, as Yaad's Sign step, and the quadratic's edge does not apply).
 
     One (k, v) pair written over and over (a run of one byte) is a quadratic of curvature
     L = fan_in of the last layer. Each token steps θ times the gradients of the Omega window's
@@ -112,7 +113,7 @@ def default_lr_max(spec: MemorySpec, key_dim: int, value_dim: int) -> float:
     """
     covered = (
         spec.architecture == "mlp"
-        and spec.bias in ("l2", "huber", "huber_norm", "lp")
+        and (spec.bias in ("l2", "huber", "huber_norm") or (spec.bias == "lp" and spec.lp_p >= 2))
         and spec.retention in ("gated_decay", "lq")
         and spec.rule in ("gd", "momentum")
     )

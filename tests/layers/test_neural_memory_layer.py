@@ -347,6 +347,8 @@ def test_default_lr_max_is_the_stability_edge_of_the_inner_step():
         MemorySpec(rule="muon"),
         MemorySpec(retention="kl"),
         MemorySpec(bias="dot_product"),
+        MemorySpec(bias="lp", lp_p=1.0),  # a fixed-size step, as Sign(e)
+        MemorySpec(bias="lp", lp_p=1.5),
     ):
         assert _layer(other).lr_max == 0.1, other
     assert _layer(lr_max=0.3).lr_max == 0.3
