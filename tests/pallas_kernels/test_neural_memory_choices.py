@@ -137,25 +137,44 @@ def run_chunked(spec, inputs, state, chunk_size):
 # ------------------------------------------------------------------ chunked vs references
 
 
-@pytest.mark.parametrize("name", sorted(ALL_SPECS))
-def test_chunked_matches_references(name):
-    """chunk 1 == exact rule; chunk 4 (and 8) == chunk-start rule (T = 11: partial chunks).
-    (lq read at its chunk-start norm is not the exact rule at chunk 1: it reads with the
-    previous token's norm, so its chunk 1 is held to the chunk-start rule too.)"""
-    spec = ALL_SPECS[name]
-    args = make_inputs(spec, seq_len=11, seed=1)
+# KL retention (Memora) is compared in float64 only: its near-uniform softmax weights make
+# the LN divide by an almost constant z_L (module doc), and the float32 run's rounding
+# depends on the CPU and on how XLA fuses the recomputed chunk (memora: 1.1e-5 against 1e-5
+# on an AMD EPYC after the chunk scan's backward recompute, below it on an Intel Xeon).
+FLOAT64_ONLY = ("memora", "memora-exact")
+
+
+def _check_against_references(spec, name, args, tolerance):
+    """chunk 1 == exact rule; chunk 4 (and 8) == chunk-start rule. (lq read at its
+    chunk-start norm is not the exact rule at chunk 1: it reads with the previous token's
+    norm, so its chunk 1 is held to the chunk-start rule too.)"""
     exact = run_exact(spec, *args)
     chunk_sizes = (4, 8) if name in LARGER_CHUNK else (4,)
     if spec.chunk_read_scale is None:
-        assert max_relative_error(run_chunked(spec, *args, 1), exact) < F32_TOL
+        assert max_relative_error(run_chunked(spec, *args, 1), exact) < tolerance
     else:
         chunk_sizes = (1,) + chunk_sizes
     for chunk_size in chunk_sizes:
         expected = run_chunk_start(spec, *args, chunk_size)
         actual = run_chunked(spec, *args, chunk_size)
-        assert max_relative_error(actual, expected) < F32_TOL
+        assert max_relative_error(actual, expected) < tolerance, chunk_size
         # Guards against comparing two things that cannot differ.
         assert max_relative_error(expected, exact) > 10 * F32_TOL
+
+
+@pytest.mark.parametrize("name", sorted(set(ALL_SPECS) - set(FLOAT64_ONLY)))
+def test_chunked_matches_references(name):
+    """T = 11 (partial chunks), float32; the KL kinds in float64 (below)."""
+    spec = ALL_SPECS[name]
+    _check_against_references(spec, name, make_inputs(spec, seq_len=11, seed=1), F32_TOL)
+
+
+@pytest.mark.parametrize("name", FLOAT64_ONLY)
+def test_chunked_matches_references_in_float64(name):
+    spec = ALL_SPECS[name]
+    with jax.enable_x64(True):
+        args = make_inputs(spec, seq_len=11, seed=1, dtype=jnp.float64)
+        _check_against_references(spec, name, args, F64_TOL)
 
 
 @pytest.mark.parametrize("name", ["memora", "memora-exact", "atlas"])
