@@ -177,9 +177,10 @@ def test_chunked_matches_references_in_float64(name):
         _check_against_references(spec, name, args, F64_TOL)
 
 
-@pytest.mark.parametrize("name", ["memora", "memora-exact", "atlas"])
-def test_algebra_in_float64(name):
-    spec = ALL_SPECS[name]
+def test_atlas_algebra_in_float64():
+    """ATLAS's Newton-Schulz amplifies rounding too: its float64 check beside the float32 one
+    (the KL kinds' float64 check is `test_chunked_matches_references_in_float64`)."""
+    spec = ALL_SPECS["atlas"]
     with jax.enable_x64(True):
         args = make_inputs(spec, seq_len=6, seed=2, dtype=jnp.float64)
         exact = reference.exact_scan(spec, *args)
