@@ -51,10 +51,10 @@ one per slot of its window; the MQAR comparison is in `benchmarks/results/atlas_
 Yaad's δ_t = softplus(x W_δ + b) (init 2√head_dim, twice a typical error at init: see
 `layers.neural_memory` for why not √head_dim);
 Newton-Schulz with Muon's 5 steps and (3.4445, -4.7750, 2.0315); Memora's initial
-log-weights N(0, 1) (`layers.neural_memory.log_probability_init`). The chunk-parallel
+log-weights N(0, 1) (`layers.neural_memory_init.log_probability_init`). The chunk-parallel
 training form takes each gradient at the chunk-start memory (Titans §3.2), as for every
 deep memory here. θ is capped at the inner step's stability edge
-(`layers.neural_memory.default_lr_max`), which for Moneta includes its ℓq step gain and ℓ3
+(`layers.neural_memory_init.default_lr_max`), which for Moneta includes its ℓq step gain and ℓ3
 curvature (0.016 at head_dim 32: at 0.1 it recalled MQAR at chance,
 benchmarks/results/moneta_step.md); ATLAS and Memora keep 0.1.
 

@@ -19,7 +19,7 @@ the non-linearity; W_o is ours, so the block writes the residual at the usual in
 Options (`model.<kind>`): the memory's (num_heads, head_dim: 0 = the model's; architecture,
 depth, expansion, activation, bias, lp_p, retention, lq_q, rule, ns_steps, ns_coefficients,
 omega_window, omega_gates: `MemorySpec`; feature_map, feature_degree: `layers.feature_maps`;
-chunk_size, conv_size, impl; lr_max, 0 = `layers.neural_memory.default_lr_max`; gate_init_std),
+chunk_size, conv_size, impl; lr_max, 0 = `layers.neural_memory_init.default_lr_max`; gate_init_std),
 plus window and rope_theta for the attention (mal, mag), num_persistent (mag, mac) and
 segment_size (mac). The ATLAS / Miras kinds built from the
 same memory are in `models.miras`. Decoding (`init_cache` / `extend`) exists for all four
@@ -45,7 +45,8 @@ from layers.attention import (
 )
 from layers.feature_maps import FEATURE_MAPS
 from layers.mlp import SwiGLU
-from layers.neural_memory import GATE_INIT_STD, NeuralMemory
+from layers.neural_memory import NeuralMemory
+from layers.neural_memory_init import GATE_INIT_STD
 from layers.norms import RMSNorm, rms_norm
 from layers.sharding import projection, with_logical_axes
 from models.registry import (
@@ -290,7 +291,7 @@ MEMORY_DEFAULTS = {
     "feature_degree": 2,
     "chunk_size": 16,
     "conv_size": 4,
-    "lr_max": 0.0,  # 0: layers.neural_memory.default_lr_max (the inner step's stability edge)
+    "lr_max": 0.0,  # 0: layers.neural_memory_init.default_lr_max (the inner step's stability edge)
     "gate_init_std": GATE_INIT_STD,  # 0: θ, η, α start at their biases for every token
     "impl": "auto",
 }

@@ -19,7 +19,7 @@ Attentional biases (per token, e = M(k) - v):
          delta_t (||e||_2 - delta_t / 2): gradient delta_t e / ||e||_2, which equals the
          quadratic branch's e at the switch. eq. 26's delta_t Sign(e) has norm
          delta_t sqrt(Dv) there, sqrt(Dv) times the l2 update, so a token that takes it
-         writes past the l2 step's stability edge (`layers.neural_memory.default_lr_max`)
+         writes past the l2 step's stability edge (`layers.neural_memory_init.default_lr_max`)
          -- measured: benchmarks/results/yaad_huber.md.
 
 Retentions (the memory is stored as `stored`; the network runs on `effective(stored)`):

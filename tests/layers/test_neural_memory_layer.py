@@ -377,7 +377,7 @@ def test_lq_step_gain_is_the_norm_of_the_drawn_initial_weights():
     """The cap's ||A_0||_q^(q-2) (an expectation) against that of the layer's drawn A_0, per
     head: within 10% at d_in d_out = 512 entries, q = 3 and 4 (at q = 6 the sixth moment of
     512 draws is itself 12% off)."""
-    from layers.neural_memory import _lq_step_gain
+    from layers.neural_memory_init import _lq_step_gain
     from pallas_kernels.neural_memory.choices_miras import lq_read_scale
 
     for q in (3.0, 4.0):

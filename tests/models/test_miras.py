@@ -138,7 +138,7 @@ def test_pair_gates_are_an_option_that_learns_and_decodes():
 
 # Moneta's memory norms drifted while its θ cap was 0.1 (W1's norm 0.24 -> 1.7e-4 -> 5.9e-5
 # over 8 x 1024 tokens, 2026-12-02): 3-6x past its inner step's stability edge. At the edge
-# (`layers.neural_memory.default_lr_max`, 0.032 at this width) they settle like the others':
+# (`layers.neural_memory_init.default_lr_max`, 0.032 at this width) they settle like the others':
 # W1 / W2 1.4e3-1.8e3 / 1.7e3-1.9e3 in every 1024-token block of 8 in float32 and bfloat16
 # (2026-12-07, AMD EPYC). Large, because at ℓq retention ||W|| = 1 / ||A|| and gated decay
 # keeps the accumulator small between writes; at that scale SiLU is nearly ReLU (which passes
