@@ -1,6 +1,7 @@
 """Training steps timed side by side: compile each variant, then time one step of every
 variant in turn for a number of rounds (interleaved, so drift of the machine hits them
-alike) and take medians. Used by `miras_parallel_forms` and `cpu_layouts`."""
+alike; the order reversed every other round) and take medians. Used by
+`miras_parallel_forms` and `cpu_layouts`."""
 
 import statistics
 import time
@@ -29,10 +30,16 @@ def compiled_step(kind, size, overrides, steps):
 
 
 def interleaved_medians(runs, rounds):
-    """runs {label: `compiled_step` result} -> {label: (median s per step, tokens per step)}."""
+    """runs {label: `compiled_step` result} -> {label: (median s per step, tokens per step)}.
+
+    Every other round runs the variants in reverse order, so no variant always runs first
+    after another kind's step (on one core the first step after a switch ran up to 10%
+    slower: attention's two identical variants timed 0.90x in a fixed order)."""
     times = {label: [] for label in runs}
-    for _ in range(rounds):
-        for label, run in runs.items():
+    labels = list(runs)
+    for round_index in range(rounds):
+        for label in labels if round_index % 2 == 0 else labels[::-1]:
+            run = runs[label]
             compiled, state, batches, _ = run
             batch = next(batches)
             jax.block_until_ready(batch)
