@@ -15,7 +15,9 @@ a conditional whose predicate is data, on CPU only: XLA does not fuse across a c
 so dy is computed once, in its natural layout, and only then transposed (a plain copy).
 The values are bit-identical. On other platforms (GPU, TPU) `lax.platform_dependent` picks
 the plain identity, a switch on a constant that their compilers resolve. Used after the
-projections in front of `short_conv` and `gated_output`'s gate; not in `mlp.SwiGLU`: the
+projections in front of `short_conv` and `gated_output`'s gate (outside any vmap: under
+vmap the conditional becomes a select that XLA fuses through, so Mixture-of-Memories applies
+it to its stacked projection, not per memory); not in `mlp.SwiGLU`: the
 Transformer's step was no faster with it there (0.92x / 0.95x, tiny / small, in a run whose
 control shows the same 0.90x / 0.97x without it).
 """

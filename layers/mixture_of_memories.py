@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import context_parallel
+from layers.cpu_layouts import materialised_cotangent
 from layers.linear_memory import (
     DECAY_RULES,
     DELTA_RULES,
@@ -153,6 +154,8 @@ class MixtureOfMemories(MatrixMemoryMixer):
                 x, kernel, selected, conv_state=conv_state, segment_ids=segment_ids
             )
 
+        # Outside the vmap, where its conditional stays a conditional (`layers.cpu_layouts`).
+        projected = materialised_cotangent(projected)
         y, new_state = jax.vmap(conv, in_axes=(2, 0, 2, 1), out_axes=(2, 1))(
             projected, kernel[...], routed, conv_state
         )

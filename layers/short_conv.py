@@ -52,11 +52,14 @@ def causal_depthwise_conv(
     counts as part of the first segment. Returns (y [B, T, C] in x's dtype, accumulated in
     float32; the new conv_state [B, K-1, C], the last K-1 inputs of [conv_state ‖ x]).
     """
-    batch_size, length, channels = x.shape
-    taps = kernel.shape[0]
     # x is usually a projection's output: keep its cotangent out of the weight gradient's
     # transposing fusion on CPU (`layers.cpu_layouts`: projection + conv 2.2x faster, fwd + bwd).
-    x = materialised_cotangent(x)
+    return _depthwise_conv(materialised_cotangent(x), kernel, conv_state, segment_ids)
+
+
+def _depthwise_conv(x, kernel, conv_state, segment_ids):
+    batch_size, length, channels = x.shape
+    taps = kernel.shape[0]
     if conv_state is None:
         conv_state = jnp.zeros((batch_size, taps - 1, channels), x.dtype)
     padded = jnp.concatenate([conv_state.astype(x.dtype), x], axis=1)  # [B, K-1+T, C]
@@ -89,6 +92,10 @@ def subsequence_causal_conv(
     the output of the last selected token before it (it is meant to be masked by the
     caller); the new conv_state holds the last K-1 *selected* inputs, so a sequence with
     unselected tokens leaves exactly the state it would leave without them.
+
+    Unlike `causal_depthwise_conv` it leaves x's cotangent to the caller: it runs under
+    `vmap` (one call per memory), where `materialised_cotangent`'s conditional would become a
+    select that XLA fuses through, so the caller applies it to the projection outside the vmap.
     """
     batch_size, length, channels = x.shape
     taps = kernel.shape[0]
@@ -100,9 +107,7 @@ def subsequence_causal_conv(
     compacted_segments = None
     if segment_ids is not None:
         compacted_segments = jnp.take_along_axis(segment_ids, order, axis=1)
-    y, _ = causal_depthwise_conv(
-        compacted, kernel, conv_state=conv_state, segment_ids=compacted_segments
-    )
+    y, _ = _depthwise_conv(compacted, kernel, conv_state, compacted_segments)
     rank = jnp.maximum(jnp.cumsum(selected, axis=1) - 1, 0)  # index in the compacted row
     y = jnp.take_along_axis(y, rank[..., None], axis=1)
     # New state: rows n .. n+K-2 of [conv_state ‖ compacted], n = number of selected tokens.

@@ -55,3 +55,35 @@ def test_short_conv_backward_uses_it():
         return jnp.sum(y * y)
 
     assert "conditional(" in jax.jit(jax.grad(loss)).lower(weights).compile().as_text()
+
+
+def test_under_vmap_the_conditional_is_lost_so_mom_applies_it_outside():
+    """vmap turns the data-dependent cond into a select, which XLA fuses through: MoM's
+    routed convolutions (one per memory, vmapped) take the workaround on the stacked
+    projection before the vmap, so their backward holds a conditional."""
+    weights, kernel, x = _inputs()
+
+    def vmapped(w):
+        projected = x @ w  # [2, 24, 16]: vmap over the first axis
+        inner = jax.vmap(lambda p: jnp.sin(materialised_cotangent(p)) * kernel[0])
+        return jnp.sum(inner(projected))
+
+    assert "conditional(" not in jax.jit(jax.grad(vmapped)).lower(weights).compile().as_text()
+
+    from flax import nnx
+
+    from layers.mixture_of_memories import MixtureOfMemories
+
+    layer = MixtureOfMemories(16, num_memories=3, top_k=2, num_heads=2, head_dim=8,
+                              rngs=nnx.Rngs(0))  # fmt: skip
+    routed = jnp.asarray(np.random.default_rng(1).random((2, 24, 4)) < 0.5)
+    conv_state = layer._zero_conv_states(2)[0]
+
+    def routed_convs(w):
+        projected = jnp.einsum("btd,mdc->btmc", x, w)
+        y, _ = layer._memory_conv(projected, layer.key_conv_kernel, routed, conv_state, None)
+        return jnp.sum(y * y)
+
+    stacked_weights = layer.key_kernel[...]
+    program = jax.jit(jax.grad(routed_convs)).lower(stacked_weights).compile().as_text()
+    assert "conditional(" in program
