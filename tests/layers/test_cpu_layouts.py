@@ -5,8 +5,10 @@ the same jaxpr, which silently undid the workaround once)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from layers.cpu_layouts import materialised_cotangent
+from layers.mixture_of_memories import MixtureOfMemories
 from layers.short_conv import causal_depthwise_conv
 
 
@@ -69,10 +71,6 @@ def test_under_vmap_the_conditional_is_lost_so_mom_applies_it_outside():
         return jnp.sum(inner(projected))
 
     assert "conditional(" not in jax.jit(jax.grad(vmapped)).lower(weights).compile().as_text()
-
-    from flax import nnx
-
-    from layers.mixture_of_memories import MixtureOfMemories
 
     layer = MixtureOfMemories(16, num_memories=3, top_k=2, num_heads=2, head_dim=8,
                               rngs=nnx.Rngs(0))  # fmt: skip
